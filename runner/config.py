@@ -1,0 +1,182 @@
+"""Structured-config schemas: every group is validated at compose time, so a typo or a wrong type
+fails before any work starts, with the key named.
+
+Groups mirror the code: a method's schema is the `Config` dataclass of its module in
+`runner/methods/`, found by name, so a new method costs one module and one YAML file.
+"""
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+CONFIG_DIR = "pkg://runner.configs"
+
+
+@dataclass
+class ThreatConfig:
+    norm: str = "linf"  # linf | l2
+    eps: float = MISSING  # pixel units in [0, 1]; each dataset sets its customary default
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    data_dir: str = "${oc.env:ROBUST_TRAIN_DATA,data}"
+    download: bool = True  # tried only when the files are missing; offline it fails with a clear message
+    eps: float = 0.1  # the dataset's customary threat.eps
+    val_size: int = 0  # held-out validation images cut from the training set (model selection)
+    test_size: int = 0  # only for datasets without an official test split (digits, synthetic)
+    augment: str = "none"  # none | crop_flip | crop
+    crop_padding: int = 4
+    label_noise: float = 0.0  # fraction of training labels flipped (never validation or test)
+    label_noise_kind: str = "symmetric"  # symmetric | asymmetric
+    # synthetic only
+    n_samples: int = 2000
+    num_classes: int = 10
+    channels: int = 1
+    image_size: int = 8
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    width: int = 1  # width multiplier / widen factor
+    depth: int = 0  # 0: the architecture's own depth
+    batch_norm: bool = True
+    hidden: list = field(default_factory=lambda: [256, 256])  # mlp
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method has. SAM is an update rule around any method's loss: `method.sam=true`."""
+
+    name: str = MISSING
+    sam: bool = False
+    rho: Optional[float] = None  # SAM radius; None: 0.05, or 2.0 when adaptive (ASAM needs ~10x)
+    adaptive: bool = False  # ASAM
+
+
+@dataclass
+class AttackConfig:
+    """The training attack (the shared PGD). alpha None: 2.5·eps/steps, or 1.25·eps when steps = 1."""
+
+    steps: int = 10
+    alpha: Optional[float] = None
+    restarts: int = 1
+    random_start: bool = True
+    bn_mode: str = "eval"  # BN mode while generating attacks: eval (TRADES, Madry) | train (Rice, fast AT)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    grad_clip: Optional[float] = None  # max global grad norm (SAM: applied to the second gradient)
+    log_every: int = 50  # plain log line every N steps (SLURM logs and CI have no TTY)
+    val_every: int = 1  # epochs between validations (best.pt selection)
+    precision: str = "fp32"  # fp32 | bf16 (training only; evaluation attacks always run in fp32)
+    channels_last: bool = False
+    compile: bool = False
+    nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
+    max_skips: int = 10  # with nonfinite=skip, stop after this many skipped steps
+    progress: str = "auto"  # auto (rich bar on a TTY) | rich | plain
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = MISSING  # sgd | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = MISSING  # cosine | multistep | onecycle | constant
+    warmup_epochs: float = 0.0  # linear warm-up from 0, in (fractional) epochs
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # multistep: fractions of training
+    gamma: float = 0.1  # multistep factor
+    pct_start: float = 0.5  # onecycle: fraction of training spent rising (fast AT: 0 -> max -> 0)
+    final_lr_ratio: float = 0.0  # cosine: lr at the end / initial lr
+
+
+@dataclass
+class EvalConfig:
+    name: str = MISSING
+    n_examples: Optional[int] = None  # None: the whole test split; else its first n (fixed order)
+    batch_size: int = 500
+    seed: int = 0  # attack randomness; independent of the training seed
+    checkpoint: str = "best"  # which checkpoint train-then-evaluate uses: best | last
+    evaluators: list = field(default_factory=list)  # [{name: pgd, steps: 50, ...}, ...]
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING  # none | wandb
+    project: str = "robust-train"
+    entity: Optional[str] = None
+    mode: str = "auto"  # auto (offline without credentials) | online | offline | disabled
+    tags: list = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    resume: str = "auto"  # auto: continue from <run dir>/checkpoints/last.pt | never | a checkpoint path
+    threat: ThreatConfig = field(default_factory=ThreatConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    method: Any = None  # absent: plain ERM
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    eval: EvalConfig = MISSING
+    logger: LoggerConfig = MISSING
+    ckpt: Optional[str] = None  # robust-eval: the run dir or .pt to evaluate
+
+
+def method_modules() -> list[str]:
+    import runner.methods
+
+    return sorted(m.name for m in pkgutil.iter_modules(runner.methods.__path__) if m.name != "base")
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore; each group's YAML lists its schema first."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="schema_run", node=RunConfig)
+    for group, node in [
+        ("dataset", DatasetConfig),
+        ("model", ModelConfig),
+        ("optimizer", OptimizerConfig),
+        ("scheduler", SchedulerConfig),
+        ("eval", EvalConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name="schema", node=node)
+    for name in method_modules():
+        module = importlib.import_module(f"runner.methods.{name}")
+        if hasattr(module, "Config"):
+            cs.store(group="method", name=f"schema_{name}", node=module.Config)
+
+
+def compose(overrides: list[str] = (), config_name: str = "train"):
+    """The config a command line with these overrides would get, without running anything (tests, API)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=False)
+    with initialize_config_module(config_module="runner.configs", version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

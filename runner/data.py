@@ -1,0 +1,228 @@
+"""Datasets as in-memory tensors, and a loader that shuffles and augments on the training device.
+
+Every split is N×C×H×W. Images are kept as uint8 when the source is 8-bit (4x less memory, on the GPU
+too) and become float in [0, 1] per batch. The test split and the validation split cut from training
+are fixed by a constant seed, never by the training seed, so every run is scored on the same points.
+"""
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SPLIT_SEED = 0  # fixes test/validation membership for every run, whatever its training seed
+
+
+class DatasetUnavailable(RuntimeError):
+    """The files are not there and could not be downloaded; the message says where to put them."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    channels: int
+    image_size: int
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+
+INFO = {
+    "digits": DatasetInfo(1, 8, 10, (0.3050,), (0.3804,)),
+    "mnist": DatasetInfo(1, 28, 10, (0.1307,), (0.3081,)),
+    "fashion_mnist": DatasetInfo(1, 28, 10, (0.2860,), (0.3530,)),
+    "cifar10": DatasetInfo(3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": DatasetInfo(3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": DatasetInfo(3, 32, 10, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
+
+
+def dataset_info(cfg) -> DatasetInfo:
+    """cfg: the `dataset` config node."""
+    if cfg.name == "synthetic":
+        c = cfg.channels
+        return DatasetInfo(c, cfg.image_size, cfg.num_classes, (0.5,) * c, (0.25,) * c)
+    return INFO[cfg.name]
+
+
+@dataclass
+class Splits:
+    train: tuple  # (x, y)
+    val: tuple
+    test: tuple
+    info: DatasetInfo
+    flipped: torch.Tensor | None = None  # training points whose label was corrupted
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x
+
+
+def _stratified_cut(y: np.ndarray, n_cut: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (kept, cut), the cut holding n_cut points in class proportions."""
+    if n_cut <= 0:
+        return np.arange(len(y)), np.arange(0)
+    from sklearn.model_selection import train_test_split
+
+    kept, cut = train_test_split(np.arange(len(y)), test_size=n_cut, stratify=y, random_state=seed)
+    return np.sort(kept), np.sort(cut)
+
+
+def _digits(cfg):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]  # pixel values 0..16 -> [0, 1]
+    y = bunch.target.astype(np.int64)
+    train, test = _stratified_cut(y, cfg.test_size, SPLIT_SEED)
+    return (torch.from_numpy(x[train]), torch.from_numpy(y[train])), (
+        torch.from_numpy(x[test]),
+        torch.from_numpy(y[test]),
+    )
+
+
+def _synthetic(cfg):
+    """Class-dependent smooth templates plus noise: learnable, no files, fixed by SPLIT_SEED."""
+    g = torch.Generator().manual_seed(SPLIT_SEED)
+    c, s, k = cfg.channels, cfg.image_size, cfg.num_classes
+    templates = torch.rand(k, c, max(2, s // 4), max(2, s // 4), generator=g)
+    templates = torch.nn.functional.interpolate(templates, size=(s, s), mode="bilinear", align_corners=False)
+    y = torch.arange(cfg.n_samples) % k
+    x = (templates[y] + 0.15 * torch.randn(cfg.n_samples, c, s, s, generator=g)).clamp(0, 1)
+    train, test = _stratified_cut(y.numpy(), cfg.test_size, SPLIT_SEED)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def _torchvision_split(name: str, root: Path, train: bool, download: bool):
+    from torchvision import datasets
+
+    if name == "svhn":
+        ds = datasets.SVHN(str(root), split="train" if train else "test", download=download)
+        return torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64))
+    cls = {
+        "mnist": datasets.MNIST,
+        "fashion_mnist": datasets.FashionMNIST,
+        "cifar10": datasets.CIFAR10,
+        "cifar100": datasets.CIFAR100,
+    }[name]
+    ds = cls(str(root), train=train, download=download)
+    data, targets = ds.data, ds.targets
+    if isinstance(data, np.ndarray):  # CIFAR: N×H×W×C uint8
+        x = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+    else:  # MNIST family: N×H×W uint8 tensor
+        x = data.unsqueeze(1)
+    return x, torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+
+
+def _torchvision(cfg):
+    root = Path(cfg.data_dir).expanduser()
+    splits = []
+    for train in (True, False):
+        try:
+            splits.append(_torchvision_split(cfg.name, root, train, download=False))
+        except (RuntimeError, FileNotFoundError, OSError):
+            if not cfg.download:
+                raise DatasetUnavailable(_missing_message(cfg, root, "dataset.download=false")) from None
+            try:
+                splits.append(_torchvision_split(cfg.name, root, train, download=True))
+            except Exception as err:  # network errors come in many types; all mean the same here
+                reason = f"download failed: {type(err).__name__}: {err}"
+                raise DatasetUnavailable(_missing_message(cfg, root, reason)) from None
+    return splits[0], splits[1]
+
+
+def _missing_message(cfg, root: Path, reason: str) -> str:
+    return (
+        f"dataset '{cfg.name}' was not found under dataset.data_dir={str(root)!r} ({reason}). "
+        f"Download it on a machine with internet (torchvision.datasets, download=True, root=<dir>) and copy the "
+        f"files there, or point dataset.data_dir (or $ROBUST_TRAIN_DATA) at a folder that has them."
+    )
+
+
+LOADERS = {"digits": _digits, "synthetic": _synthetic}
+
+
+def load_splits(cfg, seed: int = 0) -> Splits:
+    """cfg: the `dataset` node. `seed` only drives label noise; split membership never depends on it."""
+    if cfg.name not in LOADERS and cfg.name not in INFO:
+        known = sorted(set(LOADERS) | set(INFO))
+        raise ValueError(f"dataset.name={cfg.name!r} is not a known dataset; choose one of {known}")
+    (x, y), test = LOADERS.get(cfg.name, _torchvision)(cfg)
+    if cfg.val_size >= len(y):
+        raise ValueError(f"dataset.val_size={cfg.val_size} leaves no training data ({len(y)} training points)")
+    kept, cut = _stratified_cut(y.numpy(), cfg.val_size, SPLIT_SEED)
+    kept, cut = torch.from_numpy(kept), torch.from_numpy(cut)
+    train, val = (x[kept], y[kept]), (x[cut], y[cut])
+    flipped = None
+    if cfg.label_noise > 0:
+        from runner.label_noise import corrupt_labels
+
+        info = dataset_info(cfg)
+        noisy, flipped = corrupt_labels(train[1], cfg.label_noise, cfg.label_noise_kind, info.num_classes, seed)
+        train = (train[0], noisy)
+    return Splits(train, val, test, dataset_info(cfg), flipped)
+
+
+def load_dataset(name: str, split: str = "test", **overrides):
+    """(x, y) of one split with the dataset's default config: x float in [0, 1], N×C×H×W."""
+    from runner.config import compose
+
+    cfg = compose([f"dataset={name}"] + [f"dataset.{k}={v}" for k, v in overrides.items()])
+    splits = load_splits(cfg.dataset)
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    x, y = getattr(splits, split)
+    return to_float(x), y
+
+
+class InMemoryLoader:
+    """Batches of a tensor dataset that lives on the device: shuffling and augmentation are seeded,
+    batched tensor operations, so an epoch's order depends only on (seed, epoch) — which is what makes
+    resuming an interrupted run exact.
+    """
+
+    def __init__(self, x, y, batch_size, device, *, shuffle=True, augment="none", padding=4, seed=0):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.device = batch_size, device
+        self.shuffle, self.augment, self.padding, self.seed = shuffle, augment, padding, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return math.ceil(len(self.y) / self.batch_size)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _generator(self):
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + self.epoch)
+        return g
+
+    def __iter__(self):
+        g = self._generator()
+        n = len(self.y)
+        order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            idx = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
+            x = to_float(self.x[idx])
+            if self.augment != "none":
+                x = augment_batch(x, self.augment, self.padding, g)
+            yield x, self.y[idx]
+
+
+def augment_batch(x: torch.Tensor, kind: str, padding: int, g: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding (and horizontal flip for crop_flip), one draw per image."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding,) * 4)
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=x.device)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=x.device)
+    rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    x = padded[batch, chans, rows, cols]
+    if kind == "crop_flip":
+        flip = torch.rand(n, generator=g, device=x.device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    return x

@@ -1,0 +1,114 @@
+"""Run an evaluation suite (a list of evaluators) on a model and assemble results.json's sections."""
+
+import importlib
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from runner.evaluators.base import EvalContext
+from runner.tracking import log
+
+# Per-point orderings that must hold whatever the model: a point certified robust cannot be attacked,
+# and a point an attack fools cannot count as robust under a weaker notion. (stronger, weaker) pairs.
+ORDER = [("certified", "autoattack"), ("certified", "pgd"), ("autoattack", "clean"), ("pgd", "clean")]
+
+
+def build_evaluators(cfg) -> list:
+    evaluators = []
+    for i, spec in enumerate(cfg.eval.evaluators):
+        spec = dict(spec)
+        name = spec.get("name")
+        try:
+            module = importlib.import_module(f"runner.evaluators.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"runner.evaluators.{name}":
+                raise
+            raise ValueError(f"eval.evaluators[{i}].name={name!r} has no module runner/evaluators/{name}.py") from None
+        evaluators.append(module.build(spec, cfg))
+    return evaluators
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float]:
+    """95% confidence interval of an accuracy measured on n points (Wilson score: good near 0 and 1)."""
+    if n == 0:
+        return [0.0, 1.0]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, centre - half), 5), round(min(1.0, centre + half), 5)]
+
+
+def order_checks(per_example: dict) -> list[dict]:
+    checks = []
+    for strong, weak in ORDER:
+        if strong in per_example and weak in per_example:
+            violations = int((per_example[strong] & ~per_example[weak]).sum())
+            checks.append({
+                "name": f"{strong} <= {weak} per point",
+                "passed": violations == 0,
+                "detail": f"{violations} points robust under '{strong}' but not under '{weak}'",
+            })
+    return checks
+
+
+def evaluation_subset(x, y, n_examples):
+    """The first n test points in the split's fixed order: the same points for every run and seed."""
+    if n_examples is None or n_examples >= len(y):
+        return x, y
+    if n_examples <= 0:
+        raise ValueError(f"eval.n_examples must be positive or null, got {n_examples}")
+    return x[:n_examples], y[:n_examples]
+
+
+def evaluate(model, cfg, x, y, device, run_dir: Path | None) -> dict:
+    """Returns {"metrics", "eval", "checks"} for results.json. The model is put in eval mode (fp32)."""
+    model = model.float().eval()
+    x, y = evaluation_subset(x, y, cfg.eval.n_examples)
+    x, y = x.to(device), y.to(device)
+    ctx = EvalContext(
+        norm=cfg.threat.norm, eps=float(cfg.threat.eps), device=device, seed=cfg.eval.seed,
+        batch_size=cfg.eval.batch_size, run_dir=run_dir,
+    )
+    out = {"metrics": {}, "eval": {}, "checks": []}
+    for evaluator in build_evaluators(cfg):
+        ok, reason = evaluator.supports(model)
+        if not ok:
+            out["checks"].append({"name": f"{evaluator.name} applicable", "passed": True, "detail": reason})
+            log.info(f"eval {evaluator.name}: skipped ({reason})")
+            continue
+        start = time.perf_counter()
+        result = evaluator(model, x, y, ctx)
+        for key, value in result.metrics.items():
+            settings = dict(result.settings.get(key, {}))
+            if key.endswith("acc"):
+                settings.setdefault("n_examples", len(y))
+                settings["ci95"] = wilson_interval(value, settings["n_examples"])
+            out["metrics"][key] = value
+            out["eval"][key] = settings
+        out["checks"] += result.checks
+        ctx.per_example.update(result.per_example)
+        ctx.metrics.update(result.metrics)
+        shown = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
+        log.info(f"eval {evaluator.name}: {shown} ({time.perf_counter() - start:.1f}s)")
+    out["checks"] += order_checks(ctx.per_example)
+    for check in out["checks"]:
+        if not check["passed"]:
+            log.info(f"CHECK FAILED {check['name']}: {check['detail']}")
+    return out
+
+
+def environment(device) -> dict:
+    try:
+        git = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        git = None
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "git": git}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env

@@ -1,0 +1,41 @@
+"""PGD adversarial training (Madry et al. 2018): cross-entropy on PGD examples only.
+
+With attack.steps = 1 and the default alpha (1.25·eps) this is FGSM-RS "fast AT" (Wong et al. 2020).
+"""
+
+from dataclasses import dataclass, field
+
+import torch.nn.functional as F
+
+from runner.attacks import model_mode, pgd
+from runner.config import AttackConfig, MethodConfig
+from runner.methods.base import Method
+
+
+@dataclass
+class Config(MethodConfig):
+    name: str = "at"
+    attack: AttackConfig = field(default_factory=AttackConfig)
+
+
+class AT(Method):
+    select_on = "pgd"
+
+    def adversarial(self, model, x, y, ctx, loss_fn=None):
+        """The training attack at threat.eps, generated in `attack.bn_mode`."""
+        a = self.cfg.method.attack
+        with model_mode(model, a.bn_mode):
+            return pgd(
+                model, x, y, eps=ctx.eps, norm=ctx.norm, steps=a.steps, alpha=a.alpha, restarts=a.restarts,
+                init="uniform" if a.random_start else "zero", loss_fn=loss_fn,
+            )
+
+    def loss(self, model, x, y, ctx):
+        x_adv = self.adversarial(model, x, y, ctx)
+        logits = model(x_adv)
+        loss = F.cross_entropy(logits, y)
+        return loss, {"loss": loss.detach(), "train_robust_acc": (logits.argmax(1) == y).float().mean()}
+
+
+def build(cfg):
+    return AT(cfg)

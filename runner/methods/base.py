@@ -1,0 +1,56 @@
+"""The one interface every training method implements; the training loop only ever sees this."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class StepContext:
+    """Where training stands, for methods whose behaviour follows a schedule (IBP's eps ramp, ...)."""
+
+    epoch: int  # 0-based epoch of the current batch
+    step: int  # 0-based global optimisation step of the current batch
+    steps_per_epoch: int
+    total_steps: int
+    norm: str  # threat.norm: "linf" | "l2"
+    eps: float  # threat.eps, pixel units
+
+
+class Method:
+    """A training method: a loss on one batch. The update rule (plain or SAM) wraps it.
+
+    `loss` is called with the model in train mode and must leave it in train mode. It may be called
+    twice on the same batch (SAM's second pass), so it must not keep state that a second call breaks.
+    """
+
+    # What best.pt selection maximises on the validation split: "clean", "pgd" or "certified".
+    select_on = "clean"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once on a freshly built model before the first step (never on resume)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext):
+        """Return (scalar loss tensor, dict of floats or 0-d tensors to log)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext) -> dict:
+        """Validation metrics for best.pt selection; `val/score` is what selection maximises.
+
+        Called with the model in eval mode on the held-out validation split (never the test split).
+        """
+        from runner.attacks import accuracy, pgd
+
+        metrics = {"val/clean_acc": accuracy(model, x, y)}
+        metrics["val/score"] = metrics["val/clean_acc"]
+        if self.select_on == "pgd" and ctx.eps > 0:
+            with torch.enable_grad():
+                x_adv = pgd(model, x, y, eps=ctx.eps, norm=ctx.norm, steps=10)
+            metrics["val/pgd_acc"] = accuracy(model, x_adv, y)
+            metrics["val/score"] = metrics["val/pgd_acc"]
+        return metrics

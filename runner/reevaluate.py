@@ -1,0 +1,88 @@
+"""`robust-eval`: evaluate an existing checkpoint with any suite, into a new run directory.
+
+The checkpoint's own config (dataset, model, threat) is the base; the suite and whatever the user
+overrode on the command line replace it. Checkpoints from before a suite existed work unchanged.
+"""
+
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from runner import checkpoint
+from runner.data import load_splits, to_float
+from runner.evaluate import environment, evaluate
+from runner.tracking import Tracker, write_json
+
+ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
+
+
+def resolve_checkpoint(path) -> Path:
+    """A run directory means its best checkpoint (or last, when no best was written)."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            candidate = path / "checkpoints" / name
+            if candidate.exists():
+                return candidate
+        raise checkpoint.CheckpointError(f"{str(path)!r} is a directory without checkpoints/best.pt or last.pt")
+    return path
+
+
+def merged_config(cfg, overrides: list[str], saved: dict):
+    base = OmegaConf.create(saved)
+    OmegaConf.set_struct(base, False)
+    keys = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    for key in set(ALWAYS_FROM_COMMAND) | keys:
+        if key in ("ckpt",):
+            continue
+        OmegaConf.update(base, key, OmegaConf.select(cfg, key), merge=False)
+    base.ckpt = cfg.ckpt
+    return base
+
+
+def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
+    from runner.models import build_model
+    from runner.train import resolve_device, run_summary
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = resolve_checkpoint(cfg.ckpt)
+    state = checkpoint.load(path)
+    cfg = merged_config(cfg, overrides, state["config"])
+    device = resolve_device(cfg.device)
+    tracker = Tracker(run_dir, cfg, log_file="eval.log")
+    tracker.status("running")
+    exit_code = 1
+    try:
+        splits = load_splits(cfg.dataset)
+        model = build_model(cfg.model, splits.info)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not fit model.name={cfg.model.name!r}: {str(err).splitlines()[0]}"
+            ) from None
+        model.to(device)
+        tracker.info(f"evaluating {path} with suite '{cfg.eval.name}'")
+        start = time.perf_counter()
+        results = {
+            "run": run_summary(cfg),
+            "train": {"epochs": state.get("epoch"), "checkpoint": str(path)},
+            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir),
+            "env": environment(device),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        results["eval_wall_time_s"] = round(time.perf_counter() - start, 3)
+        write_json(run_dir / "results.json", results)
+        tracker.status("completed")
+        exit_code = 0
+        return results
+    except BaseException as err:
+        tracker.status("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        tracker.finish(exit_code)
+
+
+

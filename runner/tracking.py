@@ -1,0 +1,156 @@
+"""Everything the loop reports goes through one Tracker: plain log lines (train.log and stdout, readable
+in SLURM .out files), metrics.jsonl, status.json, an optional rich progress bar on a terminal, and
+wandb when asked. Logging never blocks a run: a wandb failure becomes a warning.
+"""
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("robust_train")
+
+
+def _scalar(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    return round(v, 6) if isinstance(v, float) and math.isfinite(v) else v
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class _CurrentStdout(logging.StreamHandler):
+    """Writes to whatever sys.stdout is at emit time, so rich's progress bar can route lines above it."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _):
+        pass
+
+
+def setup_logging(run_dir: Path, filename: str) -> None:
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S")
+    for handler in (logging.FileHandler(run_dir / filename), _CurrentStdout()):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, cfg, log_file: str = "train.log", run_id: str | None = None):
+        self.run_dir = Path(run_dir)
+        self.cfg = cfg
+        self.log_every = cfg.train.log_every
+        setup_logging(self.run_dir, log_file)
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finish()
+        self.progress = None
+        self.wandb = None
+        self.run_id = run_id
+        self._start_wandb()
+
+    # ---- status -------------------------------------------------------------------------------------
+    def status(self, status: str, **extra) -> None:
+        write_json(self.run_dir / "status.json", {"status": status, "time": time.time(), **extra})
+
+    # ---- wandb ----------------------------------------------------------------------------------------
+    def _start_wandb(self) -> None:
+        if self.cfg.logger.name != "wandb":
+            return
+        mode = self.cfg.logger.mode
+        if mode == "auto":  # decided before the run: no credentials means offline, never a blocking login
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
+            mode = "online" if has_key else "offline"
+        try:
+            import wandb
+            from omegaconf import OmegaConf
+
+            self.wandb = wandb.init(
+                project=self.cfg.logger.project, entity=self.cfg.logger.entity, mode=mode,
+                dir=str(self.run_dir), id=self.run_id, resume="allow", tags=list(self.cfg.logger.tags),
+                config=OmegaConf.to_container(self.cfg, resolve=True),
+                settings=wandb.Settings(init_timeout=60, silent=True),
+            )
+            self.run_id = self.wandb.id
+        except Exception as err:  # noqa: BLE001 - any wandb failure must leave the run going
+            warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); logging locally only", stacklevel=2)
+            self.wandb = None
+
+    # ---- metrics ---------------------------------------------------------------------------------------
+    def record(self, step: int, metrics: dict, kind: str) -> None:
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3)}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        self.metrics_file.write(json.dumps(row) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            try:
+                self.wandb.log({k: v for k, v in row.items() if k != "kind"}, step=step)
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"wandb.log failed ({err}); continuing with local logs", stacklevel=2)
+                self.wandb = None
+
+    def step(self, step: int, logs: dict, epoch: int, lr: float) -> None:
+        """Called every optimisation step; reads tensors (a device sync) only every log_every steps."""
+        if self.progress is not None:
+            self.progress.advance(self._task)
+        if step % self.log_every:
+            return
+        metrics = {"epoch": epoch, "lr": lr, **logs}
+        self.record(step, metrics, "train")
+        text = " ".join(f"{k}={_fmt(_scalar(v))}" for k, v in metrics.items())
+        self.info(f"step {step} {text}")
+
+    def epoch(self, step: int, metrics: dict) -> None:
+        self.record(step, metrics, "epoch")
+        self.info("epoch " + " ".join(f"{k}={_fmt(_scalar(v))}" for k, v in metrics.items()))
+
+    def info(self, msg: str) -> None:
+        log.info(msg)
+
+    # ---- progress bar ----------------------------------------------------------------------------------
+    def start_progress(self, total_steps: int, done: int) -> None:
+        mode = self.cfg.train.progress
+        if mode == "plain" or (mode == "auto" and not sys.stdout.isatty()):
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("training"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True
+        )
+        self.progress.start()
+        self._task = self.progress.add_task("train", total=total_steps, completed=done)
+
+    def stop_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def finish(self, exit_code: int = 0) -> None:
+        self.stop_progress()
+        self.metrics_file.close()
+        if self.wandb is not None:
+            try:
+                self.wandb.finish(exit_code=exit_code)
+            except Exception as err:  # noqa: BLE001
+                warnings.warn(f"wandb.finish failed: {err}", stacklevel=2)
+        for handler in list(log.handlers):
+            handler.flush()
+
+
+def _fmt(v):
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -1,0 +1,167 @@
+"""Update rules: one optimisation step around any method's loss.
+
+`build_update(cfg, model, optimizer)` returns the plain rule, or SAM/ASAM when `cfg.method.sam` is true
+(Foret et al. 2021; davda54/sam; Kwon et al. 2021). The training loop calls
+`update(model, method, x, y, ctx)` once per batch and owns the scheduler, which stays attached to the
+base optimizer: SAM only changes which gradient that optimizer sees.
+
+A non-finite loss never reaches the optimizer: the step is skipped and the logs carry
+`nonfinite: 1.0`, so the loop applies `cfg.train.nonfinite` (stop or skip).
+"""
+
+import contextlib
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+SAM_DEFAULT_RHO = 0.05
+ASAM_DEFAULT_RHO = 2.0  # ASAM's perturbation is scaled by |w|, so it needs ~10x SAM's radius
+
+
+def _loss_context(precision: str, device_type: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def _is_finite(loss: torch.Tensor) -> bool:
+    return bool(torch.isfinite(loss.detach()).all())
+
+
+def _loggable(logs: dict, loss: torch.Tensor) -> dict:
+    out = dict(logs)
+    out["loss"] = loss.detach().float()
+    return out
+
+
+class Update:
+    """Plain update: zero_grad, loss, backward, optional global-norm clip, optimizer step."""
+
+    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.grad_clip = cfg.train.grad_clip
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
+        self.precision = cfg.train.precision
+        _loss_context(self.precision, "cpu")  # validate the key at build time, not at the first step
+
+    def _forward(self, model, method, x, y, ctx):
+        with _loss_context(self.precision, x.device.type):
+            loss, logs = method.loss(model, x, y, ctx)
+        return loss.float(), logs
+
+    def _clip(self, model: nn.Module) -> dict:
+        if self.grad_clip is None:
+            return {}
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.grad_clip)
+        return {"grad_norm": norm.detach()}
+
+    def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, logs = self._forward(model, method, x, y, ctx)
+        if not _is_finite(loss):
+            return {**_loggable(logs, loss), "nonfinite": 1.0}
+        loss.backward()
+        logs = {**_loggable(logs, loss), **self._clip(model)}
+        self.optimizer.step()
+        return logs
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def frozen_bn_statistics(model: nn.Module):
+    """BatchNorm layers still normalise with the batch's statistics, but their running statistics
+    (mean, var and the batch counter, so momentum=None layers are covered too) come out unchanged."""
+    saved = []
+    for module in model.modules():
+        if isinstance(module, _BatchNorm) and module.track_running_stats and module.running_mean is not None:
+            saved.append(
+                (
+                    module,
+                    module.running_mean.clone(),
+                    module.running_var.clone(),
+                    module.num_batches_tracked.clone(),
+                )
+            )
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for module, mean, var, count in saved:
+                module.running_mean.copy_(mean)
+                module.running_var.copy_(var)
+                module.num_batches_tracked.copy_(count)
+
+
+class SAMUpdate(Update):
+    """Two passes on the same batch (Foret et al.): g = ∇L(w); e = ρ g/‖g‖ (ASAM: ρ T²g/‖Tg‖, T = |w|);
+    g' = ∇L(w + e) with BN running statistics frozen; restore w; clip g' only; base step with g'."""
+
+    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__(cfg, model, optimizer)
+        self.adaptive = bool(cfg.method.adaptive)
+        rho = cfg.method.rho
+        self.rho = (ASAM_DEFAULT_RHO if self.adaptive else SAM_DEFAULT_RHO) if rho is None else float(rho)
+        if self.rho <= 0:
+            raise ValueError(f"method.rho must be positive, got {self.rho}")
+
+    def _params(self, model: nn.Module) -> list[torch.Tensor]:
+        return [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+
+    @torch.no_grad()
+    def perturbation(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """e for each parameter, from the gradients currently stored in `.grad`."""
+        scaled = [(p.abs() * p.grad) if self.adaptive else p.grad for p in params]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+        scale = self.rho / (grad_norm + 1e-12)
+        # ASAM: T·(T g)·scale = T² g · ρ/‖T g‖.
+        return [(p.abs() * s if self.adaptive else s) * scale for p, s in zip(params, scaled)]
+
+    def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        # Under DDP the first gradient is a local direction only: skip its all-reduce.
+        no_sync = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+        with no_sync:
+            loss, logs = self._forward(model, method, x, y, ctx)
+            if not _is_finite(loss):
+                return {**_loggable(logs, loss), "nonfinite": 1.0}
+            loss.backward()
+        params = self._params(model)
+        perturbation = self.perturbation(params)
+        originals = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, perturbation):
+                p.add_(e)
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with frozen_bn_statistics(model):
+                second_loss, _ = self._forward(model, method, x, y, ctx)
+                finite = _is_finite(second_loss)
+                if finite:
+                    second_loss.backward()
+        finally:
+            with torch.no_grad():  # copy back rather than subtract e: w + e - e can differ in the last bit
+                for p, original in zip(params, originals):
+                    p.copy_(original)
+        out = {**_loggable(logs, loss), "sam/loss_perturbed": second_loss.detach().float()}
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+            return {**out, "nonfinite": 1.0}
+        out.update(self._clip(model))
+        self.optimizer.step()
+        return out
+
+
+def build_update(cfg, model: nn.Module, optimizer: torch.optim.Optimizer) -> Update:
+    method_cfg = cfg.get("method") if hasattr(cfg, "get") else getattr(cfg, "method", None)
+    if method_cfg is not None and bool(method_cfg.get("sam", False)):
+        return SAMUpdate(cfg, model, optimizer)
+    return Update(cfg, model, optimizer)
