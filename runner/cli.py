@@ -1,12 +1,22 @@
-"""Thin Hydra entrypoints: compose the config, call one `run`, turn known failures into one clear line.
+"""Hydra entrypoints `robust-train` and `robust-eval`: compose the config, call one `run`, and turn every
+failure the user can fix into one line on stderr and exit status 1.
 
-Full tracebacks stay available behind HYDRA_FULL_ERROR=1.
+A single run is checked before Hydra writes anything (`runner.validation.preflight_*`: the command line
+composed exactly as Hydra will, values, the run directory, the checkpoint). Hydra's own errors (unknown
+option, unknown key, wrong type) and the run's (missing dataset, bad checkpoint, non-finite loss) are
+reformatted by `runner.errors.describe`; a failure that is not the user's (a bug) keeps its traceback.
+HYDRA_FULL_ERROR=1 keeps Hydra's full tracebacks for everything.
+
+Exit status: 0 done, 1 an error, 128+N stopped by signal N after a checkpoint (143 SIGTERM, 138 SIGUSR1:
+a SLURM script can requeue on those), 130 Ctrl-C.
 """
 
+import contextlib
 import hashlib
 import os
 import re
 import sys
+import traceback
 
 import hydra
 from omegaconf import OmegaConf
@@ -27,13 +37,6 @@ if not OmegaConf.has_resolver("rt_run_name"):
 register_configs()
 
 
-def _report_and_exit(err: BaseException, command: str) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise err
-    print(f"{command}: error: {err}", file=sys.stderr)
-    sys.exit(1)
-
-
 def _output_dir():
     from hydra.core.hydra_config import HydraConfig
 
@@ -41,25 +44,89 @@ def _output_dir():
 
 
 @hydra.main(config_path="pkg://runner.configs", config_name="train", version_base="1.3")
-def train_main(cfg) -> None:
-    from runner.errors import KNOWN_ERRORS
+def _train_task(cfg) -> None:
     from runner.train import run
 
-    try:
-        run(cfg, _output_dir())
-    except KNOWN_ERRORS as err:
-        _report_and_exit(err, "robust-train")
+    run(cfg, _output_dir())
 
 
 @hydra.main(config_path="pkg://runner.configs", config_name="eval", version_base="1.3")
-def eval_main(cfg) -> None:
+def _eval_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from runner.errors import KNOWN_ERRORS
     from runner.reevaluate import reevaluate
 
+    reevaluate(cfg, list(HydraConfig.get().overrides.task), _output_dir())
+
+
+def train_main() -> None:
+    _main(_train_task, "robust-train", "train")
+
+
+def eval_main() -> None:
+    _main(_eval_task, "robust-eval", "eval")
+
+
+def _single_run_overrides(argv: list[str], default_config: str):
+    """(overrides, config name) when argv is a plain single run that the pre-flight can compose as Hydra
+    will; None for anything else (--help, --cfg, -m, a config dir...), which goes to Hydra unchecked."""
+    from hydra._internal.utils import get_args_parser
+
     try:
-        overrides = list(HydraConfig.get().overrides.task)
-        reevaluate(cfg, overrides, _output_dir())
-    except KNOWN_ERRORS as err:
-        _report_and_exit(err, "robust-eval")
+        args, unknown = get_args_parser().parse_known_args(argv)
+    except SystemExit:  # argparse's own usage error: let Hydra print it
+        return None
+    if unknown or args.help or args.hydra_help or args.info or args.cfg or args.shell_completion:
+        return None
+    if args.multirun or args.config_path or args.config_dir or args.experimental_rerun or args.resolve:
+        return None
+    return list(args.overrides), args.config_name or default_config
+
+
+@contextlib.contextmanager
+def _hydra_reraises():
+    """Hydra prints a shortened traceback for errors it catches; with HYDRA_FULL_ERROR=1 it re-raises,
+    so `_main` can say them in one line instead. Restored afterwards."""
+    saved = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved
+
+
+def _main(task, command: str, config_name: str) -> None:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        task()  # the user asked for full tracebacks: Hydra re-raises, Python prints them
+        return
+    from runner.errors import RunInterrupted, describe
+
+    try:
+        single = _single_run_overrides(sys.argv[1:], config_name)
+        if single is not None:
+            from runner import validation
+
+            preflight = validation.preflight_train if command == "robust-train" else validation.preflight_eval
+            preflight(*single)
+        with _hydra_reraises():
+            task()
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    except RunInterrupted as err:
+        print(f"{command}: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    except Exception as err:  # noqa: BLE001 - every error ends here: one line, or a bug's traceback
+        message = describe(err)
+        if message is None:
+            traceback.print_exc()
+            print(f"{command}: internal error (a bug, not your input): {type(err).__name__}: {err}",
+                  file=sys.stderr)
+        else:
+            print(f"{command}: error: {message}", file=sys.stderr)
+        sys.exit(1)

@@ -5,7 +5,6 @@ too) and become float in [0, 1] per batch. The test split and the validation spl
 are fixed by a constant seed, never by the training seed, so every run is scored on the same points.
 """
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,16 +179,31 @@ class InMemoryLoader:
     """Batches of a tensor dataset that lives on the device: shuffling and augmentation are seeded,
     batched tensor operations, so an epoch's order depends only on (seed, epoch) — which is what makes
     resuming an interrupted run exact.
+
+    Multi-process training (rank, world_size): every process draws the same order and the same
+    augmentation for the whole global batch of `batch_size`, and keeps its own contiguous share, so
+    the processes together see exactly the batches a single process would. A last global batch
+    smaller than world_size would leave a process empty; it is dropped.
     """
 
-    def __init__(self, x, y, batch_size, device, *, shuffle=True, augment="none", padding=4, seed=0):
-        self.x, self.y = x.to(device), y.to(device)
+    def __init__(self, x, y, batch_size, device, *, shuffle=True, augment="none", padding=4, seed=0,
+                 rank=0, world_size=1):
+        if world_size > batch_size:
+            raise ValueError(f"train.batch_size={batch_size} is the global batch: it must be at least the "
+                             f"number of processes sharing it ({world_size})")
+        self.y = y.to(device)
         self.batch_size, self.device = batch_size, device
         self.shuffle, self.augment, self.padding, self.seed = shuffle, augment, padding, seed
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        if augment == "none":
+            self.x = x.to(device)
+        else:  # pad the stored images once (8-bit when they are), crop windows are then views
+            self.crops = CropWindows(x.to(device), padding)
 
     def __len__(self):
-        return math.ceil(len(self.y) / self.batch_size)
+        full, rest = divmod(len(self.y), self.batch_size)
+        return full + (rest >= self.world_size)
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -203,26 +217,54 @@ class InMemoryLoader:
         g = self._generator()
         n = len(self.y)
         order = torch.randperm(n, generator=g, device=self.device) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
-            idx = order[start : start + self.batch_size] if order is not None else slice(start, start + self.batch_size)
-            x = to_float(self.x[idx])
-            if self.augment != "none":
-                x = augment_batch(x, self.augment, self.padding, g)
-            yield x, self.y[idx]
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            count = min(self.batch_size, n - start)
+            lo = start + self.rank * count // self.world_size
+            hi = start + (self.rank + 1) * count // self.world_size
+            idx = order[lo:hi] if order is not None else torch.arange(lo, hi, device=self.device)
+            if self.augment == "none":
+                yield to_float(self.x[idx]), self.y[idx]
+                continue
+            # Draws for the whole global batch, in a fixed order, so every share is the same as one process's.
+            top, left, flip = draw_augmentation(count, self.augment, self.padding, g, self.device)
+            share = slice(lo - start, hi - start)
+            yield self.crops(idx, top[share], left[share], None if flip is None else flip[share]), self.y[idx]
+
+
+def draw_augmentation(n: int, kind: str, padding: int, g: torch.Generator, device):
+    """Per-image crop offsets in [0, 2·padding] and horizontal flips (None unless crop_flip)."""
+    if kind not in ("crop", "crop_flip"):
+        raise ValueError(f"dataset.augment must be none, crop or crop_flip, got {kind!r}")
+    top = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=device)
+    left = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=device)
+    flip = torch.rand(n, generator=g, device=device) < 0.5 if kind == "crop_flip" else None
+    return top, left, flip
+
+
+class CropWindows:
+    """Random crops (and flips) of zero-padded images as one gather per batch.
+
+    The padded images are stored once; `unfold` views them as every H×W window, so a batch of crops is a
+    single indexing of (image, top, left), done on the stored dtype (uint8: 4x less memory traffic)
+    before the conversion to float. A flip is a gather of the columns in reverse order. On CPU this is
+    ~20x faster than indexing each pixel of a per-batch padded copy.
+    """
+
+    def __init__(self, x: torch.Tensor, padding: int):
+        self.height, self.width = x.shape[-2:]
+        padded = torch.nn.functional.pad(x, (padding,) * 4)
+        self.windows = padded.unfold(2, self.height, 1).unfold(3, self.width, 1)  # N, C, 2p+1, 2p+1, H, W
+        self.columns = torch.arange(self.width, device=x.device)
+
+    def __call__(self, idx, top, left, flip=None) -> torch.Tensor:
+        crops = self.windows[idx, :, top, left]  # N, C, H, W
+        if flip is not None:
+            columns = torch.where(flip[:, None], self.width - 1 - self.columns, self.columns)
+            crops = torch.gather(crops, 3, columns[:, None, None, :].expand_as(crops))
+        return to_float(crops)
 
 
 def augment_batch(x: torch.Tensor, kind: str, padding: int, g: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding (and horizontal flip for crop_flip), one draw per image."""
-    n, _, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding,) * 4)
-    top = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=x.device)
-    left = torch.randint(0, 2 * padding + 1, (n,), generator=g, device=x.device)
-    rows = (top[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (left[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    x = padded[batch, chans, rows, cols]
-    if kind == "crop_flip":
-        flip = torch.rand(n, generator=g, device=x.device) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    return x
+    top, left, flip = draw_augmentation(len(x), kind, padding, g, x.device)
+    return CropWindows(x, padding)(torch.arange(len(x), device=x.device), top, left, flip)

@@ -1,4 +1,10 @@
-"""The failures a user can cause and fix: reported as one line naming the problem, never a traceback."""
+"""The failures a user can cause and fix, and how each is told: one line naming the key or the file and
+what is allowed, never a traceback. `describe(err)` returns that line, or None for an error that is
+not the user's (a bug), which keeps its traceback. HYDRA_FULL_ERROR=1 keeps full tracebacks for all.
+"""
+
+import dataclasses
+import re
 
 from runner.checkpoint import CheckpointError
 from runner.data import DatasetUnavailable
@@ -8,10 +14,112 @@ class ConfigError(ValueError):
     """A value that composes but cannot be used (negative eps, a model that does not match...)."""
 
 
-def _nonfinite():
-    from runner.train import NonFiniteLoss
+class RunInterrupted(Exception):
+    """SIGTERM/SIGUSR1 (SLURM pre-emption or time limit): a checkpoint was written, rerun to resume."""
 
-    return NonFiniteLoss
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
 
 
-KNOWN_ERRORS = (ValueError, DatasetUnavailable, CheckpointError, OSError, _nonfinite())
+class RunDirBusy(RuntimeError):
+    """Another live process holds this run directory (the same command twice, or a sweep collision)."""
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf (train.nonfinite=stop, or more than train.max_skips skipped steps)."""
+
+
+KNOWN_ERRORS = (ValueError, DatasetUnavailable, CheckpointError, OSError, NonFiniteLoss, RunDirBusy)
+
+
+def _first_line(text) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _user_options(options) -> list[str]:
+    """A group's options without the schema nodes Hydra lists next to them."""
+    return [o for o in options or [] if not o.startswith("schema")]
+
+
+def _schema_keys(err) -> list[str] | None:
+    cls = getattr(err, "object_type", None)
+    if cls is not None and dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    parent = getattr(err, "parent_node", None)
+    if parent is not None and hasattr(parent, "keys"):
+        return [str(k) for k in parent.keys()]
+    return None
+
+
+def _omegaconf(err, override: str | None = None) -> str:
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
+
+    key = getattr(err, "full_key", None) or "?"
+    if isinstance(err, ConfigAttributeError | ConfigKeyError):
+        keys = _schema_keys(err)
+        where = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        allowed = f"; allowed keys here: {', '.join(where + k for k in keys)}" if keys else ""
+        return f"{key}: unknown key{allowed}"
+    if isinstance(err, MissingMandatoryValue):
+        if key == "ckpt":
+            return "ckpt is required: robust-eval ckpt=<run dir or checkpoint .pt> [overrides]"
+        return f"{key} must be set (it has no default): add {key}=<value>"
+    given = f"{override}: " if override else f"{key}: "
+    return f"{given}{_first_line(getattr(err, 'msg', None) or err)}"
+
+
+def _hydra(err) -> str | None:
+    from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, MissingConfigException):
+        missing = err.missing_cfg_file or ""
+        if "/" in missing:
+            group, option = missing.rsplit("/", 1)
+            options = _user_options(err.options)
+            available = f"; available: {', '.join(options)}" if options else ""
+            return f"{group}={option}: no such option in group '{group}'{available}"
+        return _first_line(err)
+    if isinstance(err, OverrideParseException):
+        detail = [line for line in str(err).splitlines()[1:] if line and not line.startswith("See ")]
+        return (f"cannot parse the override {err.override!r}: {'; '.join(detail) or _first_line(err)} "
+                f"(overrides are key=value, +key=value to add, ~key to delete)")
+    if isinstance(err, ConfigCompositionException):
+        cause = err.__cause__
+        match = re.search(r"override (\S+=\S*)", str(err))
+        override = match.group(1) if match else None
+        if isinstance(cause, OmegaConfBaseException):
+            return _omegaconf(cause, override)
+        return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return None
+
+
+def describe(err: BaseException) -> str | None:
+    """One line for an error the user can fix; None for anything else (a bug keeps its traceback)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(err, HydraException):
+        return _hydra(err) or _first_line(err)
+    if isinstance(err, OmegaConfBaseException):
+        return _omegaconf(err)
+    if isinstance(err, RunInterrupted):
+        return str(err)
+    if isinstance(err, ConfigError | DatasetUnavailable | CheckpointError | NonFiniteLoss | RunDirBusy):
+        return str(err)
+    try:
+        import torch
+
+        if isinstance(err, torch.OutOfMemoryError):
+            return (f"out of memory ({_first_line(err)}): lower train.batch_size or eval.batch_size, "
+                    f"or use a smaller model")
+    except AttributeError:  # torch without OutOfMemoryError
+        pass
+    if isinstance(err, OSError):
+        where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+        return f"{err.strerror or _first_line(err)}{where}" if err.strerror else _first_line(err)
+    if isinstance(err, ValueError):
+        return " ".join(str(err).split())
+    return None

@@ -25,7 +25,9 @@ def resolve_checkpoint(path) -> Path:
             candidate = path / "checkpoints" / name
             if candidate.exists():
                 return candidate
-        raise checkpoint.CheckpointError(f"{str(path)!r} is a directory without checkpoints/best.pt or last.pt")
+        raise checkpoint.CheckpointError(
+            f"{str(path)!r} is a directory without checkpoints/best.pt or last.pt: not a run directory"
+        )
     return path
 
 
@@ -41,28 +43,64 @@ def merged_config(cfg, overrides: list[str], saved: dict):
     return base
 
 
-def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
+def check_model_fits(cfg, state: dict, path: Path, info):
+    """The model the merged config builds, with the checkpoint's weights; ConfigError when they differ."""
+    from runner.errors import ConfigError
     from runner.models import build_model
-    from runner.train import resolve_device, run_summary
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model, info)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        saved = state.get("config", {})
+        saved_model = saved.get("model", {}).get("name", "?")
+        saved_data = saved.get("dataset", {}).get("name", "?")
+        raise ConfigError(
+            f"checkpoint {str(path)!r} holds a {saved_model} model for {saved_data}, which does not fit "
+            f"model.name={cfg.model.name!r} on dataset.name={cfg.dataset.name!r} "
+            f"({_first_line(err)}); drop the model/dataset overrides: the checkpoint carries its own config"
+        ) from None
+    return model
+
+
+def _first_line(err) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2])
+
+
+def prepare(cfg, overrides: list[str]):
+    """Read and check everything an evaluation needs, writing nothing: (checkpoint path, state,
+    merged config, model with the checkpoint's weights)."""
+    from runner.data import dataset_info
+    from runner.validation import check_eval_command, check_eval_run
+
+    check_eval_command(cfg)
     path = resolve_checkpoint(cfg.ckpt)
     state = checkpoint.load(path)
+    if not isinstance(state.get("config"), dict) or "model" not in state:
+        raise checkpoint.CheckpointError(
+            f"{str(path)!r} has no model config or weights: not a model checkpoint"
+        )
     cfg = merged_config(cfg, overrides, state["config"])
+    check_eval_run(cfg)
+    model = check_model_fits(cfg, state, path, dataset_info(cfg.dataset))
+    return path, state, cfg, model
+
+
+def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
+    from runner.train import resolve_device, run_summary
+    from runner.validation import check_writable_dir
+
+    run_dir = Path(run_dir)
+    path, state, cfg, model = prepare(cfg, overrides)
+    check_writable_dir(run_dir, "hydra.run.dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     tracker = Tracker(run_dir, cfg, log_file="eval.log")
     tracker.status("running")
     exit_code = 1
     try:
         splits = load_splits(cfg.dataset)
-        model = build_model(cfg.model, splits.info)
-        try:
-            model.load_state_dict(state["model"])
-        except RuntimeError as err:
-            raise ValueError(
-                f"checkpoint {str(path)!r} does not fit model.name={cfg.model.name!r}: {str(err).splitlines()[0]}"
-            ) from None
         model.to(device)
         tracker.info(f"evaluating {path} with suite '{cfg.eval.name}'")
         start = time.perf_counter()
@@ -79,7 +117,8 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         exit_code = 0
         return results
     except BaseException as err:
-        tracker.status("failed", error=f"{type(err).__name__}: {err}")
+        tracker.status("interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
+                       error=f"{type(err).__name__}: {err}")
         raise
     finally:
         tracker.finish(exit_code)

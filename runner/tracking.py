@@ -67,6 +67,11 @@ class Tracker:
     # ---- status -------------------------------------------------------------------------------------
     def status(self, status: str, **extra) -> None:
         write_json(self.run_dir / "status.json", {"status": status, "time": time.time(), **extra})
+        if status == "interrupted" and self.wandb is not None:
+            try:  # wandb shows the run as pre-empted (resumable), not crashed
+                self.wandb.mark_preempting()
+            except Exception:  # noqa: BLE001
+                pass
 
     # ---- wandb ----------------------------------------------------------------------------------------
     def _start_wandb(self) -> None:
@@ -77,19 +82,32 @@ class Tracker:
             has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
             mode = "online" if has_key else "offline"
         try:
-            import wandb
-            from omegaconf import OmegaConf
-
-            self.wandb = wandb.init(
-                project=self.cfg.logger.project, entity=self.cfg.logger.entity, mode=mode,
-                dir=str(self.run_dir), id=self.run_id, resume="allow", tags=list(self.cfg.logger.tags),
-                config=OmegaConf.to_container(self.cfg, resolve=True),
-                settings=wandb.Settings(init_timeout=60, silent=True),
-            )
-            self.run_id = self.wandb.id
+            self.wandb = self._init_wandb(mode)
         except Exception as err:  # noqa: BLE001 - any wandb failure must leave the run going
-            warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); logging locally only", stacklevel=2)
-            self.wandb = None
+            if mode != "online":
+                warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); logging locally only",
+                              stacklevel=2)
+                return
+            warnings.warn(f"wandb could not start online ({type(err).__name__}: {err}); trying offline",
+                          stacklevel=2)
+            try:
+                self.wandb = self._init_wandb("offline")
+            except Exception as err2:  # noqa: BLE001
+                warnings.warn(f"wandb could not start ({type(err2).__name__}: {err2}); logging locally only",
+                              stacklevel=2)
+                return
+        self.run_id = self.wandb.id
+
+    def _init_wandb(self, mode: str):
+        import wandb
+        from omegaconf import OmegaConf
+
+        return wandb.init(
+            project=self.cfg.logger.project, entity=self.cfg.logger.entity, mode=mode,
+            dir=str(self.run_dir), id=self.run_id, resume="allow", tags=list(self.cfg.logger.tags),
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            settings=wandb.Settings(init_timeout=60, silent=True),
+        )
 
     # ---- metrics ---------------------------------------------------------------------------------------
     def record(self, step: int, metrics: dict, kind: str) -> None:
@@ -121,6 +139,9 @@ class Tracker:
 
     def info(self, msg: str) -> None:
         log.info(msg)
+
+    def warning(self, msg: str) -> None:
+        log.warning(f"WARNING: {msg}")
 
     # ---- progress bar ----------------------------------------------------------------------------------
     def start_progress(self, total_steps: int, done: int) -> None:
@@ -154,3 +175,132 @@ class Tracker:
 
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# ---- run lifecycle: one process per run directory, SIGTERM/SIGUSR1 as "checkpoint and stop" -------
+
+def lock_run_dir(run_dir: Path):
+    """An exclusive lock on `<run dir>/.lock` for this process's lifetime (released by the kernel when
+    it dies, SIGKILL included), so two processes never train into the same directory. Returns the open
+    lock file (keep it; closing it releases the lock), or None where file locks are unavailable."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    handle = open(Path(run_dir) / ".lock", "a+")  # noqa: SIM115 - held for the run's lifetime
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        from runner.errors import RunDirBusy
+
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise RunDirBusy(
+            f"run directory {str(run_dir)!r} is in use by another robust-train process (pid {holder}): the "
+            f"same command is already running, or two sweep jobs map to one directory. Wait for it, or "
+            f"give this run its own directory with hydra.run.dir=<dir>"
+        ) from None
+    except OSError:  # a file system without locks: run unprotected rather than not at all
+        return handle
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+# SIGUSR2 is submitit's time-limit signal: the run checkpoints first, then distributed.requeue_if_submitit
+# hands over to submitit's requeue.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class StopRequests:
+    """SIGTERM, SIGUSR1, SIGUSR2 (SLURM pre-emption, `--signal=USR1@<s>` before the time limit, `kill`) ask
+    the run to stop. Inside `deferred()` (the training loop) the request is recorded and the loop
+    checkpoints at the next step boundary, then stops; elsewhere, or on a second signal, it raises
+    RunInterrupted at once (last.pt from the latest boundary is intact either way).
+
+    Handlers are installed only from the main thread and restored by `close()`.
+    """
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.signum = None
+        self._deferring = False
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        first = self.signum is None
+        self.signum = signum
+        if not (self._deferring and first):
+            raise self.interrupted("before the next checkpoint")
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def interrupted(self, where: str):
+        import signal
+
+        from runner.errors import RunInterrupted
+
+        name = signal.Signals(self.signum).name
+        return RunInterrupted(self.signum, f"stopped by {name} {where}; run the same command again to resume")
+
+    def deferred(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def scope():
+            self._deferring = True
+            try:
+                yield
+            finally:
+                self._deferring = False
+
+        return scope()
+
+    def close(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+def run_environment(cfg) -> dict:
+    """What reproducing a run needs beyond the config: library versions, threads, the command line."""
+    import importlib.metadata as metadata
+    import platform
+    import subprocess
+
+    import torch
+
+    versions = {}
+    for package in ("robust-train", "numpy", "hydra-core", "omegaconf", "torchvision", "scikit-learn"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+            timeout=5, cwd=Path(__file__).resolve().parent,
+        )
+        git_dirty = bool(dirty.stdout.strip()) if dirty.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        git_dirty = None
+    return {
+        "versions": versions, "platform": platform.platform(), "seed": cfg.seed,
+        "deterministic": bool(cfg.deterministic), "torch_threads": torch.get_num_threads(),
+        "git_dirty": git_dirty, "command": sys.argv,
+    }

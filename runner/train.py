@@ -2,39 +2,37 @@
 
 The loop never names a method: it asks the method for a loss (through the update rule, which may be
 SAM) and for validation metrics. Resuming is exact because everything random in an epoch is seeded
-from (seed, epoch) and every epoch ends with an atomic checkpoint of all state.
+from (seed, epoch) and every epoch ends with an atomic checkpoint of all state. SIGTERM/SIGUSR1 write a
+mid-epoch checkpoint (global RNG state + batch index; the loader's order is a function of (seed, epoch),
+so its first batches are replayed and skipped) and stop; SIGKILL loses at most the epoch in progress.
 """
 
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from runner import checkpoint
+from runner import checkpoint, distributed
 from runner.data import InMemoryLoader, load_splits, to_float
+from runner.errors import NonFiniteLoss, RunInterrupted
 from runner.evaluate import environment, evaluate
 from runner.methods import build_method, method_name
 from runner.methods.base import StepContext
 from runner.models import build_model
 from runner.optim import build_optimizer, build_scheduler
-from runner.tracking import Tracker, write_json
+from runner.tracking import StopRequests, Tracker, lock_run_dir, run_environment, write_json
 from runner.update import build_update
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
+from runner.validation import check_device, check_run, check_writable_dir
 
 
 def resolve_device(name: str) -> torch.device:
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but CUDA is not available here; use device=auto or device=cpu")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise ValueError(f"device={name!r} is not known; choose auto, cpu, cuda or cuda:N")
     return torch.device(name)
 
 
@@ -57,7 +55,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def run_summary(cfg) -> dict:
     return {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "method": method_name(cfg), "seed": cfg.seed,
-        "threat": {"norm": cfg.threat.norm, "eps": float(cfg.threat.eps), "eps_255": round(cfg.threat.eps * 255, 3)},
+        "threat": {"norm": cfg.threat.norm, "eps": float(cfg.threat.eps),
+                   "eps_255": round(cfg.threat.eps * 255, 3)},
         "label_noise": {"fraction": cfg.dataset.label_noise, "kind": cfg.dataset.label_noise_kind},
     }
 
@@ -67,32 +66,92 @@ def model_checkpoint(cfg, model, extra: dict | None = None) -> dict:
     return {"config": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict(), **(extra or {})}
 
 
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# Keys that do not change what is trained: a resumed run may differ in these without a warning.
+RESUME_IGNORED = ("resume", "device", "eval", "logger", "train.log_every", "train.progress", "ckpt")
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key in sorted(set(saved) | set(current), key=str):
+        name = f"{prefix}{key}"
+        if name in RESUME_IGNORED:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += config_differences(a, b, name + ".")
+        elif a != b:
+            keys.append(f"{name}: {a!r} -> {b!r}")
+    return keys
+
+
+def load_resume_state(cfg, ckpt_dir: Path) -> dict | None:
+    """resume=auto: the run dir's last.pt (or its previous good copy); never; or a checkpoint / run dir."""
+    if cfg.resume == "auto":
+        return checkpoint.load_latest(ckpt_dir / "last.pt")
+    if cfg.resume == "never":
+        return None
+    path = Path(cfg.resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt"
+    state = checkpoint.load(path)
+    if "optimizer" not in state:
+        raise checkpoint.CheckpointError(
+            f"resume={cfg.resume!r} is a model-only checkpoint (best.pt?): resuming needs a last.pt"
+        )
+    return state
+
+
 def run(cfg, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
+    check_run(cfg)  # bad values fail here, before anything is written
+    check_writable_dir(run_dir, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes (torchrun, multi-task SLURM): one run directory, written by rank 0 only.
+    procs, device = distributed.setup(resolve_device(cfg.device))
+    run_lock = lock_run_dir(run_dir) if procs.is_main else None  # released in `finally` (or at exit)
     ckpt_dir = run_dir / "checkpoints"
-    device = resolve_device(cfg.device)
     seed_everything(cfg.seed, cfg.deterministic)
 
-    resume_state = None
-    if cfg.resume == "auto":
-        resume_state = checkpoint.load_latest(ckpt_dir / "last.pt")
-    elif cfg.resume != "never":
-        resume_state = checkpoint.load(Path(cfg.resume))
-    tracker = Tracker(run_dir, cfg, run_id=(resume_state or {}).get("logger_run_id"))
+    with warnings.catch_warnings(record=True) as resume_warnings:
+        warnings.simplefilter("always")
+        try:
+            resume_state = load_resume_state(cfg, ckpt_dir)
+        except BaseException:
+            if run_lock is not None:
+                run_lock.close()
+            raise
+    tracker = (Tracker(run_dir, cfg, run_id=(resume_state or {}).get("logger_run_id")) if procs.is_main
+               else distributed.SilentTracker())
+    for warning in resume_warnings:
+        tracker.warning(str(warning.message))
     tracker.status("running")
-    write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
+    if procs.is_main:
+        write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
+    stop = StopRequests()
     exit_code = 1
     try:
         splits = load_splits(cfg.dataset, cfg.seed)
         model = build_model(cfg.model, splits.info).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        method = build_method(cfg)
+        method = distributed.shard_method(build_method(cfg), procs, stop)
         optimizer = build_optimizer(cfg.optimizer, model)
         loader = InMemoryLoader(
             *splits.train, cfg.train.batch_size, device, augment=cfg.dataset.augment,
-            padding=cfg.dataset.crop_padding, seed=cfg.seed,
+            padding=cfg.dataset.crop_padding, seed=cfg.seed, rank=procs.rank, world_size=procs.world_size,
         )
         steps_per_epoch, epochs = len(loader), cfg.train.epochs
         total_steps = steps_per_epoch * epochs
@@ -100,16 +159,29 @@ def run(cfg, run_dir: Path) -> dict:
         update = build_update(cfg, model, optimizer)
         x_val, y_val = to_float(splits.val[0]).to(device), splits.val[1].to(device)
 
-        start_epoch, step, best_score, skipped, train_time = 0, 0, -1.0, 0, 0.0
+        start_epoch, resume_batch, step, best_score, skipped, train_time = 0, 0, 0, -1.0, 0, 0.0
         if resume_state is not None:
-            model.load_state_dict(resume_state["model"])
+            try:
+                model.load_state_dict(resume_state["model"])
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the checkpoint to resume from holds a different model than "
+                    f"model.name={cfg.model.name!r}: {str(err).splitlines()[0]}; use resume=never or a "
+                    f"checkpoint of this config"
+                ) from None
             optimizer.load_state_dict(resume_state["optimizer"])
             scheduler.load_state_dict(resume_state["scheduler"])
             update.load_state_dict(resume_state["update"])
-            torch.set_rng_state(resume_state["rng"]["torch"])
-            start_epoch, step = resume_state["epoch"], resume_state["step"]
+            restore_rng(resume_state["rng"])
+            start_epoch, resume_batch = resume_state["epoch"], resume_state.get("batch", 0)
+            step, skipped = resume_state["step"], resume_state.get("nonfinite_skipped", 0)
             best_score, train_time = resume_state["best_score"], resume_state["train_time_s"]
-            tracker.info(f"resumed from checkpoints/last.pt at epoch {start_epoch} (step {step})")
+            current = OmegaConf.to_container(cfg, resolve=True)
+            changed = config_differences(resume_state.get("config", {}), current)
+            if changed:
+                tracker.warning("resuming with a config that differs from the checkpoint's: "
+                                + "; ".join(changed))
+            tracker.info(f"resumed at epoch {start_epoch} batch {resume_batch} (step {step})")
         else:
             method.setup(model)
         tracker.info(
@@ -118,46 +190,75 @@ def run(cfg, run_dir: Path) -> dict:
             f"{epochs} epochs x {steps_per_epoch} steps, device {device}, run dir {run_dir}"
         )
         tracker.start_progress(total_steps, step)
-        model_for_step = torch.compile(model) if cfg.train.compile else model
+        model_for_step = distributed.wrap_model(model, procs, device)
+        model_for_step = torch.compile(model_for_step) if cfg.train.compile else model_for_step
+
+        def training_state(epoch: int, batch: int, elapsed: float) -> dict:
+            """Everything a resume needs to continue bit for bit at (epoch, batch)."""
+            return {
+                **model_checkpoint(cfg, model),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "update": update.state_dict(), "rng": rng_state(),
+                "epoch": epoch, "batch": batch, "step": step, "best_score": best_score,
+                "train_time_s": elapsed, "nonfinite_skipped": skipped, "logger_run_id": tracker.run_id,
+            }
 
         for epoch in range(start_epoch, epochs):
-            torch.manual_seed(epoch_seed(cfg.seed, epoch))
+            skip = resume_batch if epoch == start_epoch else 0
+            if skip:
+                restore_rng(resume_state["rng"])  # mid-epoch checkpoint: the RNG where it stopped
+            else:
+                torch.manual_seed(epoch_seed(cfg.seed, epoch) + procs.rank)  # each rank its own attack noise
             loader.set_epoch(epoch)
             epoch_start = time.perf_counter()
             model.train()
-            for x, y in loader:
-                ctx = StepContext(epoch, step, steps_per_epoch, total_steps, cfg.threat.norm, float(cfg.threat.eps))
-                logs = update(model_for_step, method, x, y, ctx)
-                if logs.get("nonfinite"):
-                    skipped += 1
-                    if cfg.train.nonfinite == "stop" or skipped > cfg.train.max_skips:
-                        raise NonFiniteLoss(
-                            f"non-finite loss ({float(logs['loss'])}) at epoch {epoch} step {step}; the last good "
-                            f"checkpoint is checkpoints/last.pt (lower optimizer.lr, or train.nonfinite=skip)"
-                        )
-                scheduler.step()
-                step += 1
-                tracker.step(step, logs, epoch, optimizer.param_groups[0]["lr"])
-            train_time += time.perf_counter() - epoch_start
+            with stop.deferred():  # SIGTERM/SIGUSR1 now mean: checkpoint at the next step, then stop
+                for batch, (x, y) in enumerate(loader):
+                    if batch < skip:  # replayed, not trained: the loader's random draws stay in step
+                        continue
+                    ctx = StepContext(epoch, step, steps_per_epoch, total_steps, cfg.threat.norm,
+                                      float(cfg.threat.eps))
+                    logs = update(model_for_step, method, x, y, ctx)
+                    if logs.get("nonfinite"):
+                        skipped += 1
+                        if cfg.train.nonfinite == "stop" or skipped > cfg.train.max_skips:
+                            raise NonFiniteLoss(nonfinite_message(cfg, logs, epoch, step, skipped, ckpt_dir))
+                    scheduler.step()
+                    step += 1
+                    tracker.step(step, {**logs, "nonfinite_skipped": skipped} if skipped else logs, epoch,
+                                 optimizer.param_groups[0]["lr"])
+                    if stop.requested:
+                        elapsed = train_time + time.perf_counter() - epoch_start
+                        if procs.is_main:
+                            checkpoint.save(training_state(epoch, batch + 1, elapsed), ckpt_dir / "last.pt",
+                                            keep_previous=True)
+                        where = f"at epoch {epoch} batch {batch + 1} (step {step}), checkpointed"
+                        raise stop.interrupted(where)
+                train_time += time.perf_counter() - epoch_start
+                distributed.average_buffers(model, procs)
 
-            epoch_metrics = {"epoch": epoch + 1, "epoch_time_s": time.perf_counter() - epoch_start}
-            if (epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == epochs:
-                model.eval()
-                val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, cfg.threat.norm, float(cfg.threat.eps))
-                epoch_metrics.update(method.validate(model, x_val, y_val, val_ctx))
-                if epoch_metrics["val/score"] > best_score:
-                    best_score = epoch_metrics["val/score"]
-                    checkpoint.save(model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics}),
-                                    ckpt_dir / "best.pt")
-            checkpoint.save({
-                **model_checkpoint(cfg, model),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "update": update.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "epoch": epoch + 1, "step": step, "best_score": best_score, "train_time_s": train_time,
-                "logger_run_id": tracker.run_id,
-            }, ckpt_dir / "last.pt", keep_previous=True)
-            tracker.epoch(step, epoch_metrics)
+                epoch_metrics = {"epoch": epoch + 1, "epoch_time_s": time.perf_counter() - epoch_start}
+                if procs.is_main and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == epochs):
+                    model.eval()
+                    val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, cfg.threat.norm,
+                                          float(cfg.threat.eps))
+                    epoch_metrics.update(method.validate(model, x_val, y_val, val_ctx))
+                    if epoch_metrics["val/score"] > best_score:
+                        best_score = epoch_metrics["val/score"]
+                        best = model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics})
+                        checkpoint.save(best, ckpt_dir / "best.pt")
+                if procs.is_main:
+                    checkpoint.save(training_state(epoch + 1, 0, train_time), ckpt_dir / "last.pt",
+                                    keep_previous=True)
+                tracker.epoch(step, epoch_metrics)
+                if stop.requested:
+                    raise stop.interrupted(f"after epoch {epoch + 1} (step {step}), checkpointed")
         tracker.stop_progress()
+        if stop.requested:
+            raise stop.interrupted(f"after training (step {step}), checkpointed")
+        if not procs.is_main:  # rank 0 evaluates and writes the results
+            exit_code = 0
+            return {}
 
         which = cfg.eval.checkpoint
         chosen = ckpt_dir / f"{which}.pt"
@@ -167,9 +268,10 @@ def run(cfg, run_dir: Path) -> dict:
         results = {
             "run": run_summary(cfg),
             "train": {"epochs": epochs, "wall_time_s": round(train_time, 3), "steps": step,
-                      "checkpoint": which, "steps_per_epoch": steps_per_epoch},
+                      "checkpoint": which, "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": skipped,
+                      "processes": procs.world_size},
             **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir),
-            "env": environment(device),
+            "env": {**environment(device), **run_environment(cfg)},
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
         write_json(run_dir / "results.json", results)
@@ -177,7 +279,29 @@ def run(cfg, run_dir: Path) -> dict:
         exit_code = 0
         return results
     except BaseException as err:
-        tracker.status("failed", error=f"{type(err).__name__}: {err}")
+        if isinstance(err, RunInterrupted | KeyboardInterrupt):
+            tracker.info(f"interrupted: {err or 'KeyboardInterrupt'}")
+            tracker.status("interrupted", error=f"{type(err).__name__}: {err}",
+                           signal=getattr(err, "signum", None), resume="run the same command again")
+        else:
+            tracker.status("failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
+        stop.close()
         tracker.finish(exit_code)
+        if run_lock is not None:
+            run_lock.close()
+        distributed.teardown(procs)
+        if exit_code:  # a SLURM job stopped before its time limit (SIGUSR1): submitit requeues it
+            distributed.requeue_if_submitit(stop.signum)
+
+
+def nonfinite_message(cfg, logs: dict, epoch: int, step: int, skipped: int, ckpt_dir: Path) -> str:
+    last = ckpt_dir / "last.pt"
+    where = (f"the last good checkpoint is {last}" if last.exists()
+             else "no checkpoint was written yet (it diverged in the first epoch)")
+    cause = ("a non-finite loss" if cfg.train.nonfinite == "stop"
+             else f"{skipped} non-finite steps (more than train.max_skips={cfg.train.max_skips})")
+    return (f"training stopped on {cause} (loss={float(logs['loss'])}) at epoch {epoch} step {step}; "
+            f"{where}. Lower optimizer.lr (now {cfg.optimizer.lr}), set train.grad_clip, "
+            f"or use train.nonfinite=skip")

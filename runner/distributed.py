@@ -1,0 +1,180 @@
+"""Multi-process training (DistributedDataParallel) and SLURM requeueing.
+
+`torchrun --nproc_per_node=N --no-python robust-train ...` (or a submitit SLURM job with several tasks)
+gives every process a rank. Each process then:
+- trains on its contiguous share of every global batch: `train.batch_size` stays the global batch, so a
+  run on N processes takes the optimisation steps a single process would (`InMemoryLoader`);
+- generates its own attacks on its share (attacks never communicate);
+- all-reduces gradients through DDP (gloo on CPU, NCCL on GPU). SAM's first backward skips the
+  all-reduce (`runner.update` enters `model.no_sync()`), so its ascent direction is per process;
+- writes nothing unless it is rank 0 (logs, metrics, checkpoints, results).
+
+BatchNorm normalises with each process's own share (as DDP always does); the running statistics are
+averaged across processes before every validation and checkpoint, so rank 0 saves the mean.
+"""
+
+import os
+import signal
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def detect() -> Processes:
+    """This process's rank from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or from a
+    submitit job with several tasks (which then exports the same variables for torch)."""
+    if _int_env("WORLD_SIZE") is None and os.environ.get("SUBMITIT_EXECUTOR"):
+        from submitit import JobEnvironment
+
+        if JobEnvironment().num_tasks > 1:  # hydra.launcher.tasks_per_node (or nodes) > 1
+            from submitit.helpers import TorchDistributedEnvironment
+
+            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    world_size = _int_env("WORLD_SIZE") or 1
+    rank = _int_env("RANK") or 0
+    local_rank = _int_env("LOCAL_RANK")
+    return Processes(rank, world_size, rank if local_rank is None else local_rank)
+
+
+def setup(device: torch.device) -> tuple[Processes, torch.device]:
+    """Join the process group when launched with several processes; returns this rank's device
+    (cuda:LOCAL_RANK on GPUs)."""
+    procs = detect()
+    if not procs.enabled:
+        return procs, device
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", procs.local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=procs.rank, world_size=procs.world_size)
+    return procs, device
+
+
+def teardown(procs: Processes) -> None:
+    if procs.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: nn.Module, procs: Processes, device: torch.device) -> nn.Module:
+    """The model the update step calls: DDP around `model` when there are several processes.
+
+    broadcast_buffers=False: attacks call the model many times per step, and a buffer broadcast on
+    every call would cost more than the attack; `average_buffers` reconciles BatchNorm statistics.
+    """
+    if not procs.enabled:
+        return model
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    # Newer torch renames the switch; the parameters and buffers are still made equal once, at wrap time.
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
+    return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module, procs: Processes) -> None:
+    """Mean of the floating-point buffers (BatchNorm running statistics) over all processes."""
+    if not procs.enabled:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+            buffer.div_(procs.world_size)
+
+
+class ShardedMethod:
+    """A method whose loss is computed on this process's share of the global batch.
+
+    DDP averages gradients over processes, which is the global batch mean only when every share has the
+    same size; the loss is scaled by world_size · n_share / n_global so that uneven shares (the last
+    batch) still give the single-process gradient. One small all-reduce per loss also makes the
+    processes agree on two things a lone process must never decide alone, or the others would wait in
+    the next all-reduce forever: a non-finite loss on any process is non-finite on all (every process
+    skips the step), and a stop signal received by any process stops all at the same step boundary.
+    Everything else (setup, validate, select_on) is the wrapped method's.
+    """
+
+    def __init__(self, method, procs: Processes, stop=None):
+        self.method, self.procs, self.stop = method, procs, stop
+
+    def __getattr__(self, name):
+        return getattr(self.method, name)
+
+    def loss(self, model, x, y, ctx):
+        loss, logs = self.method.loss(model, x, y, ctx)
+        signum = (self.stop.signum or 0) if self.stop is not None else 0
+        shared = torch.tensor([float(len(y)), 0.0, float(signum > 0), float(signum)], device=loss.device)
+        shared[1] = (~torch.isfinite(loss.detach())).float()
+        dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+        n_global, nonfinite, stopped, signum_sum = shared.tolist()
+        if stopped and self.stop is not None and self.stop.signum is None:
+            self.stop.signum = round(signum_sum / stopped)  # stop with the others, at this step's end
+        if nonfinite:
+            return loss.detach() * float("nan"), logs
+        return loss * (self.procs.world_size * len(y) / n_global), logs
+
+
+def shard_method(method, procs: Processes, stop=None):
+    """The method the update step calls: `ShardedMethod` when there are several processes."""
+    return ShardedMethod(method, procs, stop) if procs.enabled else method
+
+
+class SilentTracker:
+    """Rank > 0's tracker: every call is accepted and nothing is written (rank 0 logs for all)."""
+
+    run_id = None
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+# ---- SLURM requeue through submitit ---------------------------------------------------------------------
+
+# What SLURM is told to send before the time limit (the slurm_* launcher presets: USR1; submitit's default:
+# USR2). SIGTERM is scancel's (and pre-emption's, which SLURM requeues itself): it never requeues.
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+
+def requeue_if_submitit(signum: int | None) -> None:
+    """In a submitit job stopped by a time-limit signal (after its checkpoint), hand over to submitit's
+    own pre-emption handler: it re-submits the same launcher call (same sweep directory and job
+    subdirectory, so `resume=auto` finds checkpoints/last.pt) and exits the process. Call it after the
+    run's own signal handlers are restored. Outside submitit, or for another signal, it returns and
+    the run ends as interrupted.
+    """
+    if signum not in REQUEUE_SIGNALS or "SUBMITIT_FOLDER" not in os.environ:
+        return
+    from submitit.core.job_environment import JobEnvironment
+
+    submitit_signal = JobEnvironment._usr_sig()
+    handler = signal.getsignal(submitit_signal)
+    if getattr(handler, "__name__", "") == "checkpoint_and_try_requeue":
+        handler(submitit_signal, None)  # requeues, then exits

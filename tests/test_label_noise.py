@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from runner.label_noise import corrupt_labels
+
+
+def labels(n=1000, k=10, seed=0):
+    return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.333, 1.0])
+def test_exact_count_and_only_flipped_labels_change(kind, fraction):
+    y = labels(n=997)
+    noisy, flipped = corrupt_labels(y, fraction, kind, 10, seed=3)
+    assert flipped.sum().item() == round(fraction * 997)
+    assert torch.equal(noisy != y, flipped)  # every chosen label really changes, no other does
+    assert noisy.dtype == y.dtype and noisy.shape == y.shape
+    assert int(noisy.min()) >= 0 and int(noisy.max()) < 10
+
+
+def test_input_is_not_modified_and_seed_decides():
+    y = labels()
+    y_copy = y.clone()
+    a, mask_a = corrupt_labels(y, 0.3, "symmetric", 10, seed=1)
+    b, mask_b = corrupt_labels(y, 0.3, "symmetric", 10, seed=1)
+    c, mask_c = corrupt_labels(y, 0.3, "symmetric", 10, seed=2)
+    assert torch.equal(y, y_copy)
+    assert torch.equal(a, b) and torch.equal(mask_a, mask_b)
+    assert not torch.equal(mask_a, mask_c)
+
+
+def test_asymmetric_is_the_next_class():
+    y = labels(n=500, k=7)
+    noisy, flipped = corrupt_labels(y, 0.5, "asymmetric", 7, seed=0)
+    assert torch.equal(noisy[flipped], (y[flipped] + 1) % 7)
+
+
+def test_symmetric_new_labels_are_uniform_over_the_other_classes():
+    k, n = 4, 40_000
+    y = torch.zeros(n, dtype=torch.long)  # every true label is 0: new labels should be 1, 2, 3 equally
+    noisy, flipped = corrupt_labels(y, 1.0, "symmetric", k, seed=0)
+    counts = torch.bincount(noisy[flipped], minlength=k).float()
+    assert counts[0] == 0
+    expected = n / (k - 1)
+    assert torch.all((counts[1:] - expected).abs() < 5 * expected**0.5)  # 5 sigma
+
+
+def test_keeps_the_device_and_dtype():
+    y = labels(n=50).to(torch.int32)
+    noisy, flipped = corrupt_labels(y, 0.2, "symmetric", 10, seed=0)
+    assert noisy.dtype == torch.int32 and flipped.dtype == torch.bool and noisy.device == y.device
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"fraction": 1.5}, "dataset.label_noise"),
+        ({"fraction": -0.1}, "dataset.label_noise"),
+        ({"kind": "pairflip"}, "dataset.label_noise_kind"),
+        ({"num_classes": 1}, "num_classes"),
+        ({"num_classes": 5}, "labels must lie"),
+    ],
+)
+def test_bad_input_names_the_key(kwargs, key):
+    args = {"y": labels(n=20), "fraction": 0.2, "kind": "symmetric", "num_classes": 10, "seed": 0} | kwargs
+    with pytest.raises(ValueError, match=key):
+        corrupt_labels(**args)

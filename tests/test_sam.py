@@ -1,0 +1,232 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from runner.methods.base import Method, StepContext
+from runner.update import SAMUpdate, Update, build_update
+
+CTX = StepContext(epoch=0, step=0, steps_per_epoch=1, total_steps=1, norm="linf", eps=0.1)
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 4))
+
+
+def batch(n=24, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def cfg(sam=True, rho=None, adaptive=False, grad_clip=None, precision="fp32"):
+    return OmegaConf.create(
+        {
+            "method": {"name": "erm", "sam": sam, "rho": rho, "adaptive": adaptive},
+            "train": {"grad_clip": grad_clip, "precision": precision},
+        }
+    )
+
+
+class RecordingCE(Method):
+    """Cross-entropy that records the weights and autocast state it was called with."""
+
+    def __init__(self, value=None):
+        super().__init__(None)
+        self.seen, self.autocast, self.value = [], [], value
+
+    def loss(self, model, x, y, ctx):
+        self.seen.append([p.detach().clone() for p in model.parameters()])
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        loss = F.cross_entropy(model(x), y)
+        if self.value is not None and len(self.seen) in self.value:
+            loss = loss * float("nan")
+        return loss, {"loss": loss.detach()}
+
+
+def gradient(model, x, y):
+    model = copy.deepcopy(model)
+    model.train()
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def flat(tensors):
+    return torch.cat([t.flatten() for t in tensors])
+
+
+@pytest.mark.parametrize("adaptive, rho", [(False, 0.05), (False, 0.3), (True, 2.0)])
+def test_perturbation_norm_is_rho_and_second_pass_runs_at_w_plus_e(adaptive, rho):
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    originals = [p.detach().clone() for p in model.parameters()]
+    g = gradient(model, x, y)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    method = RecordingCE()
+    build_update(cfg(rho=rho, adaptive=adaptive), model, optimizer)(model, method, x, y, CTX)
+
+    assert len(method.seen) == 2
+    e = [b - a for a, b in zip(method.seen[0], method.seen[1])]
+    if adaptive:  # ASAM: e = ρ T²g/‖Tg‖ with T = |w|, so ‖e/T‖ = ρ
+        assert torch.allclose(
+            flat(e),
+            rho
+            * flat([w * w * gi for w, gi in zip(originals, g)])
+            / flat([w.abs() * gi for w, gi in zip(originals, g)]).norm(),
+            atol=1e-6,
+        )
+        scale = flat(originals).abs()  # BN's zero-initialised biases get no perturbation (T = 0)
+        e_over_t = torch.where(scale > 0, flat(e) / scale, torch.zeros_like(scale))
+        assert e_over_t.norm().item() == pytest.approx(rho, rel=1e-4)
+    else:  # SAM: e = ρ g/‖g‖
+        assert flat(e).norm().item() == pytest.approx(rho, rel=1e-5)
+        assert torch.allclose(flat(e), rho * flat(g) / flat(g).norm(), atol=1e-6)
+
+
+def test_base_optimizer_steps_from_the_original_weights_with_the_second_gradient():
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    originals = [p.detach().clone() for p in model.parameters()]
+    probe = copy.deepcopy(model)
+    g = gradient(model, x, y)
+    with torch.no_grad():
+        for p, gi in zip(probe.parameters(), g):
+            p.add_(0.05 * gi / flat(g).norm())
+    g_perturbed = gradient(probe, x, y)
+    build_update(cfg(), model, torch.optim.SGD(model.parameters(), lr=0.5))(model, RecordingCE(), x, y, CTX)
+    for p, w, gp in zip(model.parameters(), originals, g_perturbed):
+        assert torch.allclose(p, w - 0.5 * gp, atol=1e-6)
+
+
+def test_restored_weights_equal_the_originals_bit_for_bit():
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    originals = [p.detach().clone() for p in model.parameters()]
+    update = build_update(cfg(rho=0.7), model, torch.optim.SGD(model.parameters(), lr=0.0))
+    update(model, RecordingCE(), x, y, CTX)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), originals))
+
+
+def test_bn_running_statistics_see_the_first_pass_only():
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference(x)  # exactly one train-mode forward: what the first pass does to the statistics
+    build_update(cfg(), model, torch.optim.SGD(model.parameters(), lr=0.1))(model, RecordingCE(), x, y, CTX)
+    bn, expected = model[1], reference[1]
+    assert torch.equal(bn.running_mean, expected.running_mean)
+    assert torch.equal(bn.running_var, expected.running_var)
+    assert bn.num_batches_tracked.item() == 1
+
+
+def test_only_the_second_gradient_is_clipped():
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    originals = [p.detach().clone() for p in model.parameters()]
+    g = gradient(model, x, y)
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, gi in zip(probe.parameters(), g):
+            p.add_(0.05 * gi / flat(g).norm())  # an unclipped first gradient sets the direction
+    g_perturbed = flat(gradient(probe, x, y))
+    clip = 0.1 * g_perturbed.norm().item()
+    method = RecordingCE()
+    update = build_update(cfg(grad_clip=clip), model, torch.optim.SGD(model.parameters(), lr=1.0))
+    logs = update(model, method, x, y, CTX)
+    step = flat([w - p for w, p in zip(originals, model.parameters())])
+    assert step.norm().item() == pytest.approx(clip, rel=1e-4)  # the second gradient, clipped to `clip`
+    assert torch.allclose(step, g_perturbed * clip / g_perturbed.norm(), atol=1e-6)
+    assert logs["grad_norm"].item() == pytest.approx(g_perturbed.norm().item(), rel=1e-5)
+
+
+def test_plain_update_clips_and_steps():
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    originals = [p.detach().clone() for p in model.parameters()]
+    g = flat(gradient(model, x, y))
+    update = build_update(cfg(sam=False, grad_clip=1e-3), model, torch.optim.SGD(model.parameters(), lr=1.0))
+    assert type(update) is Update
+    method = RecordingCE()
+    update(model, method, x, y, CTX)
+    assert len(method.seen) == 1
+    step = flat([w - p for w, p in zip(originals, model.parameters())])
+    assert torch.allclose(step, g * 1e-3 / g.norm(), atol=1e-7)
+
+
+@pytest.mark.parametrize("sam, nan_calls", [(False, {1}), (True, {1}), (True, {2})])
+def test_non_finite_loss_does_not_step(sam, nan_calls):
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    originals = [p.detach().clone() for p in model.parameters()]
+    update = build_update(cfg(sam=sam), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    logs = update(model, RecordingCE(value=nan_calls), x, y, CTX)
+    assert logs["nonfinite"] == 1.0
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), originals))
+
+
+@pytest.mark.parametrize("sam", [False, True])
+def test_bf16_computes_the_loss_under_autocast(sam):
+    model, (x, y) = tiny_model(), batch()
+    model.train()
+    method = RecordingCE()
+    logs = build_update(cfg(sam=sam, precision="bf16"), model, torch.optim.SGD(model.parameters(), lr=0.1))(
+        model, method, x, y, CTX
+    )
+    assert method.autocast == [True] * (2 if sam else 1)
+    assert torch.isfinite(logs["loss"]) and logs["loss"].dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_rho_defaults_and_validation():
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert build_update(cfg(), model, optimizer).rho == 0.05
+    assert build_update(cfg(adaptive=True), model, optimizer).rho == 2.0
+    assert isinstance(build_update(cfg(rho=0.2), model, optimizer), SAMUpdate)
+    with pytest.raises(ValueError, match="method.rho"):
+        build_update(cfg(rho=-1.0), model, optimizer)
+    with pytest.raises(ValueError, match="train.precision"):
+        build_update(cfg(precision="fp16"), model, optimizer)
+    with pytest.raises(ValueError, match="train.grad_clip"):
+        build_update(cfg(grad_clip=0.0), model, optimizer)
+    no_method = OmegaConf.create({"method": None, "train": {"grad_clip": None, "precision": "fp32"}})
+    assert type(build_update(no_method, model, optimizer)) is Update
+
+
+@pytest.mark.parametrize("name", ["sam", "at", "trades", "hr"])
+def test_sam_composes_with_every_method(name):
+    import importlib
+
+    from hydra import compose, initialize_config_module
+
+    from runner.config import register_configs
+
+    register_configs()
+    overrides = [f"+method={name}"] + ([] if name == "sam" else ["method.sam=true", "method.attack.steps=2"])
+    with initialize_config_module("runner.configs", version_base=None):
+        run_cfg = compose("train", overrides=overrides)
+    assert run_cfg.method.sam
+    method = importlib.import_module(f"runner.methods.{name}").build(run_cfg)
+    calls = []
+    original_loss = method.loss
+    method.loss = lambda *args: calls.append(1) or original_loss(*args)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+    model.train()
+    x, y = torch.rand(16, 1, 6, 6), torch.randint(0, 5, (16,))
+    before = [p.detach().clone() for p in model.parameters()]
+    logs = build_update(run_cfg, model, torch.optim.SGD(model.parameters(), lr=0.1))(model, method, x, y, CTX)
+    assert len(calls) == 2 and "loss" in logs and "nonfinite" not in logs
+    assert not all(torch.equal(p, w) for p, w in zip(model.parameters(), before))
+
+
+def test_sam_method_requires_sam():
+    from runner.methods import sam
+
+    with pytest.raises(ValueError, match="method.sam"):
+        sam.build(OmegaConf.create({"method": {"name": "sam", "sam": False, "rho": None, "adaptive": False}}))
