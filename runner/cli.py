@@ -43,11 +43,28 @@ def _output_dir():
     return HydraConfig.get().runtime.output_dir
 
 
+# Set by `_main` unless the user asked for HYDRA_FULL_ERROR=1: a single run's task reports its own
+# errors (Hydra would otherwise print "Error executing job with overrides" above the one line).
+_report_in_task = False
+
+
+def _single_run_task() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return _report_in_task and HydraConfig.get().mode == RunMode.RUN
+
+
 @hydra.main(config_path="pkg://runner.configs", config_name="train", version_base="1.3")
 def _train_task(cfg) -> None:
     from runner.train import run
 
-    run(cfg, _output_dir())
+    try:
+        run(cfg, _output_dir())
+    except Exception as err:
+        if _single_run_task():
+            _exit_for(err, "robust-train")
+        raise  # a sweep job: Hydra records it and says which job failed
 
 
 @hydra.main(config_path="pkg://runner.configs", config_name="eval", version_base="1.3")
@@ -56,7 +73,12 @@ def _eval_task(cfg) -> None:
 
     from runner.reevaluate import reevaluate
 
-    reevaluate(cfg, list(HydraConfig.get().overrides.task), _output_dir())
+    try:
+        reevaluate(cfg, list(HydraConfig.get().overrides.task), _output_dir())
+    except Exception as err:
+        if _single_run_task():
+            _exit_for(err, "robust-eval")
+        raise
 
 
 def train_main() -> None:
@@ -98,12 +120,32 @@ def _hydra_reraises():
             os.environ["HYDRA_FULL_ERROR"] = saved
 
 
+def _exit_for(err: BaseException, command: str) -> None:
+    """Print one line (or a bug's traceback) for `err` and exit with its status."""
+    from runner.errors import RunInterrupted, describe
+
+    if isinstance(err, KeyboardInterrupt):
+        print(f"{command}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
+    if isinstance(err, RunInterrupted):
+        print(f"{command}: {err}", file=sys.stderr)
+        sys.exit(128 + err.signum)
+    message = describe(err)
+    if message is None:
+        traceback.print_exception(err)
+        print(f"{command}: internal error (a bug, not your input): {type(err).__name__}: {err}",
+              file=sys.stderr)
+    else:
+        print(f"{command}: error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def _main(task, command: str, config_name: str) -> None:
+    global _report_in_task
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         task()  # the user asked for full tracebacks: Hydra re-raises, Python prints them
         return
-    from runner.errors import RunInterrupted, describe
-
+    _report_in_task = True
     try:
         single = _single_run_overrides(sys.argv[1:], config_name)
         if single is not None:
@@ -115,18 +157,5 @@ def _main(task, command: str, config_name: str) -> None:
             task()
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        print(f"{command}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
-    except RunInterrupted as err:
-        print(f"{command}: {err}", file=sys.stderr)
-        sys.exit(128 + err.signum)
-    except Exception as err:  # noqa: BLE001 - every error ends here: one line, or a bug's traceback
-        message = describe(err)
-        if message is None:
-            traceback.print_exc()
-            print(f"{command}: internal error (a bug, not your input): {type(err).__name__}: {err}",
-                  file=sys.stderr)
-        else:
-            print(f"{command}: error: {message}", file=sys.stderr)
-        sys.exit(1)
+    except BaseException as err:  # noqa: BLE001 - every error ends here: one line, or a bug's traceback
+        _exit_for(err, command)

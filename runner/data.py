@@ -5,6 +5,7 @@ too) and become float in [0, 1] per batch. The test split and the validation spl
 are fixed by a constant seed, never by the training seed, so every run is scored on the same points.
 """
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,17 +115,41 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool):
     return x, torch.as_tensor(np.asarray(targets), dtype=torch.int64)
 
 
+@contextlib.contextmanager
+def _cache_lock(root: Path, exclusive: bool):
+    """Readers share, a downloader excludes (flock on <data_dir>/.robust-train.lock): jobs preparing one
+    dataset cache at once download it once and never read it half-written. No lock where none can be
+    taken (a read-only data_dir: nobody can be writing it)."""
+    try:
+        import fcntl
+
+        if exclusive:
+            root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".robust-train.lock", "a")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
+        yield
+        return
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+
+
 def _torchvision(cfg):
     root = Path(cfg.data_dir).expanduser()
     splits = []
     for train in (True, False):
         try:
-            splits.append(_torchvision_split(cfg.name, root, train, download=False))
+            with _cache_lock(root, exclusive=False):
+                splits.append(_torchvision_split(cfg.name, root, train, download=False))
         except (RuntimeError, FileNotFoundError, OSError):
             if not cfg.download:
                 raise DatasetUnavailable(_missing_message(cfg, root, "dataset.download=false")) from None
             try:
-                splits.append(_torchvision_split(cfg.name, root, train, download=True))
+                with _cache_lock(root, exclusive=True):
+                    try:  # another job may have fetched it while this one waited for the lock
+                        splits.append(_torchvision_split(cfg.name, root, train, download=False))
+                    except (RuntimeError, FileNotFoundError, OSError):
+                        splits.append(_torchvision_split(cfg.name, root, train, download=True))
             except Exception as err:  # network errors come in many types; all mean the same here
                 reason = f"download failed: {type(err).__name__}: {err}"
                 raise DatasetUnavailable(_missing_message(cfg, root, reason)) from None

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from runner.evaluators.base import EvalContext
 from runner.tracking import log
@@ -20,14 +21,19 @@ ORDER = [("certified", "autoattack"), ("certified", "pgd"), ("autoattack", "clea
 def build_evaluators(cfg) -> list:
     evaluators = []
     for i, spec in enumerate(cfg.eval.evaluators):
-        spec = dict(spec)
+        # Plain containers (lists, not ListConfig), interpolations such as ${threat.eps} resolved.
+        spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
+        if not isinstance(spec, dict):
+            raise ValueError(f"eval.evaluators[{i}] must be a mapping like {{name: pgd}}, got {spec!r}")
         name = spec.get("name")
         try:
             module = importlib.import_module(f"runner.evaluators.{name}")
         except ModuleNotFoundError as err:
             if err.name != f"runner.evaluators.{name}":
                 raise
-            raise ValueError(f"eval.evaluators[{i}].name={name!r} has no module runner/evaluators/{name}.py") from None
+            raise ValueError(
+                f"eval.evaluators[{i}].name={name!r} has no module runner/evaluators/{name}.py"
+            ) from None
         evaluators.append(module.build(spec, cfg))
     return evaluators
 
@@ -45,12 +51,17 @@ def order_checks(per_example: dict) -> list[dict]:
     checks = []
     for strong, weak in ORDER:
         if strong in per_example and weak in per_example:
-            violations = int((per_example[strong] & ~per_example[weak]).sum())
-            checks.append({
-                "name": f"{strong} <= {weak} per point",
-                "passed": violations == 0,
-                "detail": f"{violations} points robust under '{strong}' but not under '{weak}'",
-            })
+            # An evaluator may have used only the first n points (all subsets are prefixes of one order).
+            n = min(len(per_example[strong]), len(per_example[weak]))
+            stronger, weaker = per_example[strong][:n].cpu(), per_example[weak][:n].cpu()
+            violations = int((stronger & ~weaker).sum())
+            checks.append(
+                {
+                    "name": f"{strong} <= {weak} per point",
+                    "passed": violations == 0,
+                    "detail": f"{violations} of {n} points robust under '{strong}' but not under '{weak}'",
+                }
+            )
     return checks
 
 
@@ -63,20 +74,48 @@ def evaluation_subset(x, y, n_examples):
     return x[:n_examples], y[:n_examples]
 
 
+def summary_line(result, limit: int = 8) -> str:
+    """The evaluator's headline numbers for the log; breakdowns (per class, per corruption) stay in
+    results.json and report.md."""
+    from runner.report import DETAIL_KEY
+
+    shown = [(k, v) for k, v in result.metrics.items() if isinstance(v, float) and not DETAIL_KEY.match(k)]
+    text = " ".join(f"{k}={v:.4f}" for k, v in shown[:limit])
+    hidden = len(result.metrics) - min(len(shown), limit)
+    if hidden:
+        text += f" (+{hidden} more in results.json)"
+    failed = sum(not c["passed"] for c in result.checks)
+    if result.checks:
+        text += f" [{len(result.checks) - failed}/{len(result.checks)} checks passed]"
+    return text.strip()
+
+
+def examples_description(cfg, n: int) -> str:
+    return f"first {n} of the {cfg.dataset.name} test split (fixed order, independent of every seed)"
+
+
 def evaluate(model, cfg, x, y, device, run_dir: Path | None) -> dict:
-    """Returns {"metrics", "eval", "checks"} for results.json. The model is put in eval mode (fp32)."""
+    """Returns {"metrics", "eval", "checks", "skipped"} for results.json and, when run_dir is set, writes
+    report.md and the plots there. The model is put in eval mode (fp32)."""
     model = model.float().eval()
     x, y = evaluation_subset(x, y, cfg.eval.n_examples)
     x, y = x.to(device), y.to(device)
     ctx = EvalContext(
-        norm=cfg.threat.norm, eps=float(cfg.threat.eps), device=device, seed=cfg.eval.seed,
-        batch_size=cfg.eval.batch_size, run_dir=run_dir,
+        norm=cfg.threat.norm,
+        eps=float(cfg.threat.eps),
+        device=device,
+        seed=cfg.eval.seed,
+        batch_size=cfg.eval.batch_size,
+        run_dir=run_dir,
     )
-    out = {"metrics": {}, "eval": {}, "checks": []}
+    out = {"metrics": {}, "eval": {}, "checks": [], "skipped": []}
     for evaluator in build_evaluators(cfg):
         ok, reason = evaluator.supports(model)
         if not ok:
-            out["checks"].append({"name": f"{evaluator.name} applicable", "passed": True, "detail": reason})
+            out["checks"].append(
+                {"name": f"{evaluator.name} applicable", "passed": True, "detail": f"skipped: {reason}"}
+            )
+            out["skipped"].append({"evaluator": evaluator.name, "reason": reason})
             log.info(f"eval {evaluator.name}: skipped ({reason})")
             continue
         start = time.perf_counter()
@@ -85,27 +124,40 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None) -> dict:
             settings = dict(result.settings.get(key, {}))
             if key.endswith("acc"):
                 settings.setdefault("n_examples", len(y))
-                settings["ci95"] = wilson_interval(value, settings["n_examples"])
+                settings.setdefault("examples", examples_description(cfg, settings["n_examples"]))
+                # An evaluator that averages over conditions gives its own interval; a plain accuracy
+                # over n independent points gets Wilson's.
+                settings.setdefault("ci95", wilson_interval(value, settings["n_examples"]))
             out["metrics"][key] = value
             out["eval"][key] = settings
         out["checks"] += result.checks
         ctx.per_example.update(result.per_example)
         ctx.metrics.update(result.metrics)
-        shown = " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if isinstance(v, float))
-        log.info(f"eval {evaluator.name}: {shown} ({time.perf_counter() - start:.1f}s)")
+        log.info(f"eval {evaluator.name}: {summary_line(result)} ({time.perf_counter() - start:.1f}s)")
     out["checks"] += order_checks(ctx.per_example)
     for check in out["checks"]:
         if not check["passed"]:
             log.info(f"CHECK FAILED {check['name']}: {check['detail']}")
+    if run_dir is not None:
+        from runner.report import write_report
+
+        path = write_report(Path(run_dir), out, cfg)
+        log.info(f"eval report: {path}")
     return out
 
 
 def environment(device) -> dict:
     try:
-        git = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip() or None
+        git = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=Path(__file__).resolve().parent,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         git = None
     env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "git": git}

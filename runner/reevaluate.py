@@ -11,8 +11,9 @@ from omegaconf import OmegaConf
 
 from runner import checkpoint
 from runner.data import load_splits, to_float
+from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
-from runner.tracking import Tracker, write_json
+from runner.tracking import StopRequests, Tracker, write_json
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
 
@@ -98,6 +99,7 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
     device = resolve_device(cfg.device)
     tracker = Tracker(run_dir, cfg, log_file="eval.log")
     tracker.status("running")
+    stop = StopRequests()  # SIGTERM/SIGUSR1: stop now, status "interrupted" (rerun to evaluate again)
     exit_code = 1
     try:
         splits = load_splits(cfg.dataset)
@@ -117,10 +119,11 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         exit_code = 0
         return results
     except BaseException as err:
-        tracker.status("interrupted" if isinstance(err, KeyboardInterrupt) else "failed",
-                       error=f"{type(err).__name__}: {err}")
+        interrupted = isinstance(err, KeyboardInterrupt | RunInterrupted)
+        tracker.status("interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:
+        stop.close()
         tracker.finish(exit_code)
 
 

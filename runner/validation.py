@@ -239,16 +239,21 @@ def check_eval_command(cfg) -> None:
 
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.ckpt:
         raise ConfigError("ckpt is required: robust-eval ckpt=<run dir or checkpoint .pt> [overrides]")
+    check_known_keys(cfg)
     check_device(cfg.device)
     check_logger(cfg.logger)
 
 
 def check_eval_run(cfg) -> None:
-    """The checkpoint's config merged with the command line: what an evaluation reads."""
+    """The checkpoint's config merged with the command line: what an evaluation reads. Lenient about
+    keys a checkpoint written by an older version may lack (it is not a schema-typed config)."""
+    from runner.data import INFO, LOADERS
+    from runner.models import ARCHITECTURES
+
     check_device(cfg.device)
-    check_dataset(cfg.dataset)
+    _choice("dataset.name", cfg.dataset.name, sorted(set(INFO) | set(LOADERS)))
     check_threat(cfg)
-    check_model(cfg.model)
+    _choice("model.name", cfg.model.name, sorted(ARCHITECTURES))
     check_logger(cfg.logger)
     check_eval(cfg)
 

@@ -32,7 +32,8 @@ def robust_train_command() -> list[str]:
 
 def default_sweep_dir(overrides: list[str]) -> Path:
     # No "=" or ",": the name becomes part of a Hydra override, where a comma would start a sweep.
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", "_".join(o for o in overrides if not o.startswith("hydra")))
+    named = "_".join(o.lstrip("+~") for o in overrides if not o.startswith("hydra"))
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", named)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     return Path("outputs/sweeps") / (f"{stamp}_{slug[:80]}" if slug else stamp)
 

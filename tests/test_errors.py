@@ -9,7 +9,6 @@ of imports). Two invocations also go through the installed console scripts.
 import multiprocessing
 import os
 import pickle
-import shutil
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from runner.models import build_model
 from runner.train import model_checkpoint
 
 TIMEOUT_S = 120  # a safety net against a hung invocation, not a speed requirement
+CONCURRENCY = 4
 PROCESSES = multiprocessing.get_context("forkserver")
 PROCESSES.set_forkserver_preload(["runner.cli", "runner.train"])
 
@@ -106,7 +106,8 @@ CASES = [
     ("unknown device", "robust-train", ["device=tpu"], ["device", "auto, cpu, cuda"]),
     ("label noise of 1", "robust-train", ["dataset.label_noise=1.0"], ["dataset.label_noise", "[0, 1)"]),
     ("negative learning rate", "robust-train", ["optimizer.lr=-0.1"], ["optimizer.lr", "positive"]),
-    ("unknown evaluator", "robust-train", ["eval.evaluators=[{{name: nope}}]"], ["eval.evaluators[0]", "nope"]),
+    ("unknown evaluator", "robust-train", ["eval.evaluators=[{{name: nope}}]"],
+     ["eval.evaluators[0]", "nope"]),
     ("missing resume file", "robust-train", ["resume={root}/nowhere.pt"], ["resume", "auto, never"]),
     ("dataset missing offline", "robust-train",
      ["dataset=cifar10", "dataset.download=false", "dataset.data_dir={root}/empty_data"],
@@ -131,37 +132,47 @@ CONSOLE_CASES = [  # the installed scripts themselves, as a user types them
 ]
 
 
+def start(case_id, command, argv, cwd: Path):
+    log = cwd / "output.log"
+    if case_id.startswith("console"):
+        script = Path(sys.executable).with_name(command)
+        if not script.exists():
+            return None
+        env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+        return subprocess.Popen([str(script), *argv], cwd=cwd, env=env, stdout=log.open("w"),
+                                stderr=subprocess.STDOUT)
+    proc = PROCESSES.Process(target=_invoke, args=(command, argv, str(cwd), str(log)))
+    proc.start()
+    return proc
+
+
+def wait(proc) -> int:
+    if isinstance(proc, subprocess.Popen):
+        return proc.wait(TIMEOUT_S)
+    proc.join(TIMEOUT_S)
+    return proc.exitcode
+
+
 @pytest.fixture(scope="module")
 def battery(tmp_path_factory):
-    """Start every invocation at once; {case id: (exit status, output, seconds, cwd)}."""
+    """Run every invocation, CONCURRENCY at a time; {case id: (exit status, output, seconds, cwd)}."""
     paths = files(tmp_path_factory.mktemp("inputs"))
-    started = {}
-    for case_id, command, argv, _ in CASES + CONSOLE_CASES:
-        cwd = tmp_path_factory.mktemp("cwd")
-        argv = [a.format(**paths) for a in argv]
-        log = cwd / "output.log"
-        if case_id.startswith("console"):
-            script = Path(sys.executable).with_name(command)
-            if not script.exists():
-                continue
-            env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-            proc = subprocess.Popen([str(script), *argv], cwd=cwd, env=env, stdout=log.open("w"),
-                                    stderr=subprocess.STDOUT)
-        else:
-            proc = PROCESSES.Process(target=_invoke, args=(command, argv, str(cwd), str(log)))
-            proc.start()
-        started[case_id] = (proc, cwd, log, time.monotonic())
-    results = {}
-    for case_id, (proc, cwd, log, start) in started.items():
-        if isinstance(proc, subprocess.Popen):
-            code = proc.wait(TIMEOUT_S)
-        else:
-            proc.join(TIMEOUT_S)
-            code = proc.exitcode
-        results[case_id] = (code, log.read_text(), time.monotonic() - start, cwd)
+    pending = [(case_id, command, [a.format(**paths) for a in argv])
+               for case_id, command, argv, _ in CASES + CONSOLE_CASES]
+    running, results = {}, {}
+    while pending or running:
+        while pending and len(running) < CONCURRENCY:
+            case_id, command, argv = pending.pop(0)
+            cwd = tmp_path_factory.mktemp("cwd")
+            proc = start(case_id, command, argv, cwd)
+            if proc is not None:
+                running[case_id] = (proc, cwd, time.monotonic())
+        case_id = next(iter(running))
+        proc, cwd, began = running.pop(case_id)
+        code = wait(proc)
+        results[case_id] = (code, (cwd / "output.log").read_text(), time.monotonic() - began, cwd)
     yield results, paths
-    print("\n".join(f"{k}: {v[0]} {v[2]:.1f}s {v[1].strip()}" for k, v in results.items()))
-    shutil.rmtree(paths["root"], ignore_errors=True)
+    print("\n".join(f"{k}: exit {v[0]}, {v[2]:.1f}s: {v[1].strip()}" for k, v in results.items()))
 
 
 @pytest.mark.parametrize("case_id,command,argv,words", CASES + CONSOLE_CASES,

@@ -288,3 +288,62 @@ def test_a_second_run_into_a_busy_directory_fails_before_touching_it(tmp_path):
         assert not (tmp_path / "status.json").exists()
     finally:
         handle.close()
+
+
+class SlowDownloadDataset:
+    """Stands in for a torchvision dataset: its download writes the file in pieces (as a real download
+    and extraction does), and a half-written file reads as "corrupted", as torchvision reports it."""
+
+    SIZE, PIECES = 4096, 8
+
+    def __init__(self, root, train=True, download=False):
+        path = Path(root) / "FakeSet" / ("train.bin" if train else "test.bin")
+        if not path.exists() or path.stat().st_size != self.SIZE:
+            if path.exists() and not download:
+                raise RuntimeError("Dataset not found or corrupted.")
+            if not download:
+                raise RuntimeError("Dataset not found.")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(Path(root) / "downloads.log", "a") as log:
+                log.write(f"{path.name}\n")
+            with open(path, "wb") as f:
+                for _ in range(self.PIECES):
+                    f.write(bytes(range(256)) * (self.SIZE // 256 // self.PIECES))
+                    f.flush()
+                    time.sleep(0.05)
+        raw = path.read_bytes()
+        if len(raw) != self.SIZE or raw[:256] != bytes(range(256)):
+            raise RuntimeError("Dataset not found or corrupted.")
+        self.data = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(4, 32, 32)
+        self.targets = [0, 1, 2, 3]
+
+
+def _prepare_cache(data_dir: str, ready, go, result_queue) -> None:
+    import torchvision.datasets
+
+    from runner import data
+
+    torchvision.datasets.MNIST = SlowDownloadDataset
+    cfg = compose(["dataset=mnist", f"dataset.data_dir={data_dir}", "dataset.download=true"]).dataset
+    ready.set()
+    go.wait(30)
+    (x, y), _ = data._torchvision(cfg)
+    result_queue.put((x.sum().item(), y.tolist()))
+
+
+def test_jobs_preparing_one_dataset_cache_download_it_once(tmp_path):
+    jobs = 3
+    ready = [PROCESSES.Event() for _ in range(jobs)]
+    go, results = PROCESSES.Event(), PROCESSES.Queue()
+    procs = [PROCESSES.Process(target=_prepare_cache, args=(str(tmp_path), r, go, results)) for r in ready]
+    for p in procs:
+        p.start()
+    for r in ready:
+        assert r.wait(TIMEOUT_S)
+    go.set()  # all at once
+    for p in procs:
+        p.join(TIMEOUT_S)
+        assert p.exitcode == 0
+    outcomes = [results.get(timeout=5) for _ in procs]
+    assert all(o == outcomes[0] for o in outcomes)
+    assert sorted((tmp_path / "downloads.log").read_text().split()) == ["test.bin", "train.bin"]

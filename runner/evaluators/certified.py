@@ -22,11 +22,12 @@ KEYS = {"name", "methods", "batch_size", "crown_batch_size", "crown_max_neurons"
 
 def widest_relu_layer(model: nn.Module, x: torch.Tensor) -> int:
     """Neurons in the widest ReLU input of a feed-forward model (full CROWN bounds each of them)."""
-    widest, activation = 0, x[:1]
-    for layer in bounds.flatten_layers(model):
-        if isinstance(layer, nn.ReLU):
-            widest = max(widest, activation[0].numel())
-        activation = layer(activation)
+    widest, activation = 0, x[:1].clone()
+    with torch.no_grad():
+        for layer in bounds.flatten_layers(model):
+            if isinstance(layer, nn.ReLU):
+                widest = max(widest, activation[0].numel())
+            activation = layer(activation)
     return widest
 
 
@@ -44,6 +45,9 @@ class Certified(Evaluator):
                 raise ValueError(f"eval.evaluators: certified.{key} must be positive, got {spec[key]}")
 
     def supports(self, model):
+        norm = self.cfg.threat.norm if self.cfg is not None else "linf"
+        if norm != "linf":
+            return False, f"certified: threat.norm={norm!r} is not supported (the bounds certify linf boxes)"
         return bounds.supports(model, "ibp") if "ibp" in self.methods else (True, "")
 
     def unsupported_reason(self, model, method: str, x: torch.Tensor) -> str:
@@ -59,8 +63,9 @@ class Certified(Evaluator):
         return ""
 
     def batch_size(self, method: str, ctx) -> int:
-        if method == "crown":
-            return int(self.spec.get("crown_batch_size") or self.spec.get("batch_size") or 64)
+        """CROWN's coefficient tensors are [batch, rows, *layer shape]: it runs on smaller batches."""
+        if method != "ibp" and self.spec.get("crown_batch_size") is not None:
+            return int(self.spec["crown_batch_size"])
         return int(self.spec.get("batch_size") or ctx.batch_size)
 
     @torch.no_grad()

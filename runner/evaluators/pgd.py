@@ -56,8 +56,12 @@ def eps_list(spec: dict, evaluator: str, threat_eps: float, norm: str, threat_no
     itself when the norm is the threat's. Sorted ascending, duplicates removed."""
     values, factors = requested_eps(spec, evaluator)
     if norm != threat_norm and (factors or not values):
-        raise spec_error(evaluator, "eps", f"must list absolute eps values when norm={norm!r} differs from "
-                                           f"threat.norm={threat_norm!r} (eps_factors scale threat.eps)")
+        raise spec_error(
+            evaluator,
+            "eps",
+            f"must list absolute eps values when norm={norm!r} differs from "
+            f"threat.norm={threat_norm!r} (eps_factors scale threat.eps)",
+        )
     values += [factor * threat_eps for factor in factors]
     if norm == threat_norm:
         values.append(threat_eps)
@@ -90,8 +94,9 @@ def loss_function(name: str):
     return margin_loss if name == "margin" else None  # None: pgd's per-example cross-entropy
 
 
-def pgd_correct(model, x, y, *, eps, norm, steps, restarts, alpha, loss, seed, batch_size,
-                return_adversarial=False):
+def pgd_correct(
+    model, x, y, *, eps, norm, steps, restarts, alpha, loss, seed, batch_size, return_adversarial=False
+):
     """Per-example correctness under PGD (eval mode, batched, seeded); optionally the adversarial inputs."""
     generator = torch.Generator(device=x.device).manual_seed(seed)
     correct, adversarial = [], []
@@ -99,9 +104,20 @@ def pgd_correct(model, x, y, *, eps, norm, steps, restarts, alpha, loss, seed, b
         for i in range(0, len(y), batch_size):
             xb, yb = x[i : i + batch_size], y[i : i + batch_size]
             with torch.enable_grad():
-                x_adv = pgd(model, xb, yb, eps=eps, norm=norm, steps=steps, alpha=alpha, restarts=restarts,
-                            loss_fn=loss_function(loss), generator=generator)
-            correct.append(predict(model, x_adv, batch_size) == yb)
+                x_adv = pgd(
+                    model,
+                    xb,
+                    yb,
+                    eps=eps,
+                    norm=norm,
+                    steps=steps,
+                    alpha=alpha,
+                    restarts=restarts,
+                    loss_fn=loss_function(loss),
+                    generator=generator,
+                )
+            # x itself lies in the ball: a point is robust only if it is also classified correctly.
+            correct.append((predict(model, xb, batch_size) == yb) & (predict(model, x_adv, batch_size) == yb))
             if return_adversarial:
                 adversarial.append(x_adv)
     correct = torch.cat(correct).cpu()
@@ -122,12 +138,15 @@ class PGD(Evaluator):
         super().__init__(spec, cfg)
         unknown = set(spec) - KEYS
         if unknown:
-            raise ValueError(f"eval.evaluators: pgd got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}")
+            raise ValueError(
+                f"eval.evaluators: pgd got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
+            )
         self.steps = positive_int(spec, "pgd", "steps", 50)
         self.restarts = positive_int(spec, "pgd", "restarts", 1)
         self.alpha = spec.get("alpha")
-        if self.alpha is not None and (isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float)
-                                       or self.alpha <= 0):
+        if self.alpha is not None and (
+            isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or self.alpha <= 0
+        ):
             raise spec_error("pgd", "alpha", f"must be a positive number or null, got {self.alpha!r}")
         self.loss = spec.get("loss", "ce")
         if self.loss not in LOSSES:
@@ -140,9 +159,18 @@ class PGD(Evaluator):
     def settings(self, ctx, norm: str, eps: float, n: int, seconds: float) -> dict:
         alpha = float(self.alpha) if self.alpha is not None else default_alpha(eps, self.steps)
         return {
-            "attack": "pgd", "norm": norm, "eps": eps, "eps_255": round(eps * 255, 3),
-            "steps": self.steps, "restarts": self.restarts, "restart_selection": "per example worst case",
-            "alpha": alpha, "loss": self.loss, "init": "uniform", "n_examples": n, "seed": ctx.seed,
+            "attack": "pgd",
+            "norm": norm,
+            "eps": eps,
+            "eps_255": round(eps * 255, 3),
+            "steps": self.steps,
+            "restarts": self.restarts,
+            "restart_selection": "per example worst case",
+            "alpha": alpha,
+            "loss": self.loss,
+            "init": "uniform",
+            "n_examples": n,
+            "seed": ctx.seed,
             "time_s": round(seconds, 3),
         }
 
@@ -151,8 +179,19 @@ class PGD(Evaluator):
         norm = self.norm or ctx.norm
         for eps in eps_list(self.spec, "pgd", ctx.eps, norm, ctx.norm):
             start = time.perf_counter()
-            correct = pgd_correct(model, x, y, eps=eps, norm=norm, steps=self.steps, restarts=self.restarts,
-                                  alpha=self.alpha, loss=self.loss, seed=ctx.seed, batch_size=ctx.batch_size)
+            correct = pgd_correct(
+                model,
+                x,
+                y,
+                eps=eps,
+                norm=norm,
+                steps=self.steps,
+                restarts=self.restarts,
+                alpha=self.alpha,
+                loss=self.loss,
+                seed=ctx.seed,
+                batch_size=ctx.batch_size,
+            )
             key = threat_key("pgd", norm, eps, ctx.norm, ctx.eps)
             result.metrics[key] = correct.float().mean().item()
             result.settings[key] = self.settings(ctx, norm, eps, len(y), time.perf_counter() - start)

@@ -1,0 +1,205 @@
+"""Calibration: expected calibration error (ECE) on clean and on adversarial inputs, and a reliability
+diagram (reliability.png in the run directory).
+
+ECE (Guo et al. 2017; Naeini et al. 2015) with `bins` equal-width bins (15 by default) over the
+top-class softmax probability, bin i holding confidences in (i/B, (i+1)/B]:
+ECE = Σ_i (n_i / n) · |accuracy_i − mean confidence_i|. Adversarial inputs: PGD (cross-entropy) at
+threat.eps, confidence and correctness of the prediction on the perturbed input. The 95% interval
+is a seeded bootstrap over examples.
+"""
+
+import time
+from pathlib import Path
+
+import torch
+
+from runner.attacks import default_alpha, model_mode
+from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.pgd import pgd_correct, positive_int, spec_error
+
+KEYS = {"name", "bins", "steps", "adversarial", "bootstrap"}
+PLOT_FILE = "reliability.png"
+
+
+def bin_statistics(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> dict:
+    """Per-bin count, mean confidence and accuracy, and the ECE."""
+    confidence, correct = confidence.double().cpu(), correct.double().cpu()
+    inner_edges = torch.arange(1, bins, dtype=torch.float64) / bins  # i/B exactly, as the bins are defined
+    index = torch.bucketize(confidence, inner_edges, right=False)  # (lo, hi] bins; 0 goes to the first
+    count = torch.bincount(index, minlength=bins).double()
+    confidence_sum = torch.bincount(index, weights=confidence, minlength=bins)
+    correct_sum = torch.bincount(index, weights=correct, minlength=bins)
+    filled = count > 0
+    mean_confidence = torch.where(filled, confidence_sum / count.clamp_min(1), torch.nan)
+    accuracy = torch.where(filled, correct_sum / count.clamp_min(1), torch.nan)
+    gaps = (correct_sum - confidence_sum).abs()  # n_i · |acc_i − conf_i|
+    return {
+        "count": count,
+        "confidence": mean_confidence,
+        "accuracy": accuracy,
+        "ece": (gaps.sum() / max(len(confidence), 1)).item(),
+    }
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = 15) -> float:
+    return bin_statistics(confidence, correct, bins)["ece"]
+
+
+def bootstrap_interval(confidence, correct, bins: int, resamples: int, seed: int) -> list[float]:
+    if resamples == 0 or len(confidence) < 2:
+        return [0.0, 1.0]
+    generator = torch.Generator().manual_seed(seed)
+    n = len(confidence)
+    values = []
+    for _ in range(resamples):
+        pick = torch.randint(n, (n,), generator=generator)
+        values.append(expected_calibration_error(confidence[pick], correct[pick], bins))
+    values = torch.tensor(values)
+    return [round(torch.quantile(values, 0.025).item(), 5), round(torch.quantile(values, 0.975).item(), 5)]
+
+
+@torch.no_grad()
+def confidence_and_correct(model, x, y, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    confidences, corrects = [], []
+    with model_mode(model, "eval"):
+        for i in range(0, len(y), batch_size):
+            probabilities = model(x[i : i + batch_size]).float().softmax(1)
+            top, predicted = probabilities.max(1)
+            confidences.append(top.cpu())
+            corrects.append((predicted == y[i : i + batch_size]).cpu())
+    return torch.cat(confidences), torch.cat(corrects)
+
+
+def write_plot(run_dir: Path, panels: list[tuple[str, dict]], bins: int) -> Path:
+    """One reliability diagram per condition: accuracy per confidence bin against the diagonal."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.2 * len(panels), 4.2), layout="constrained")
+    FigureCanvasAgg(figure)
+    width = 1.0 / bins
+    centres = [(i + 0.5) * width for i in range(bins)]
+    for column, (title, stats) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), column + 1)
+        counts = stats["count"].tolist()
+        filled = [i for i in range(bins) if counts[i] > 0]
+        accuracy = [stats["accuracy"][i].item() for i in filled]
+        confidence = [stats["confidence"][i].item() for i in filled]
+        axes.bar(
+            [centres[i] for i in filled],
+            accuracy,
+            width,
+            edgecolor="black",
+            linewidth=0.5,
+            label="accuracy in bin",
+        )
+        axes.scatter(
+            [centres[i] for i in filled],
+            confidence,
+            marker="_",
+            s=300,
+            color="tab:red",
+            zorder=3,
+            label="mean confidence in bin",
+        )
+        for i, a in zip(filled, accuracy):
+            axes.annotate(f"{int(counts[i])}", (centres[i], min(a, 0.93) + 0.015), ha="center", fontsize=6)
+        axes.plot([0, 1], [0, 1], "k--", linewidth=1)
+        axes.set_xlim(0, 1)
+        axes.set_ylim(0, 1)
+        axes.set_xlabel("confidence (top softmax probability)")
+        axes.set_ylabel("accuracy")
+        axes.set_title(
+            f"{title}\nECE {stats['ece']:.3f}, n={int(stats['count'].sum())} (numbers: points per bin)",
+            fontsize=9,
+        )
+        axes.legend(loc="upper left", fontsize=8)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / PLOT_FILE
+    figure.savefig(path, dpi=110)
+    return path
+
+
+class Calibration(Evaluator):
+    name = "calibration"
+
+    def __init__(self, spec: dict, cfg):
+        super().__init__(spec, cfg)
+        unknown = set(spec) - KEYS
+        if unknown:
+            raise ValueError(
+                f"eval.evaluators: calibration got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
+            )
+        self.bins = positive_int(spec, "calibration", "bins", 15)
+        self.steps = positive_int(spec, "calibration", "steps", 20)
+        self.adversarial = spec.get("adversarial", True)
+        if not isinstance(self.adversarial, bool):
+            raise spec_error("calibration", "adversarial", f"must be true or false, got {self.adversarial!r}")
+        self.bootstrap = spec.get("bootstrap", 200)
+        if isinstance(self.bootstrap, bool) or not isinstance(self.bootstrap, int) or self.bootstrap < 0:
+            raise spec_error(
+                "calibration", "bootstrap", f"must be a non-negative integer, got {self.bootstrap!r}"
+            )
+
+    def __call__(self, model, x, y, ctx):
+        result = EvalResult()
+        common = {
+            "bins": self.bins,
+            "binning": "equal-width on the top softmax probability, (lo, hi] bins",
+            "n_examples": len(y),
+            "ci95_method": f"bootstrap over examples ({self.bootstrap} resamples)",
+        }
+        panels = []
+        conditions = [("clean", "calibration/ece", None)]
+        if self.adversarial:
+            conditions.append(("adversarial", "calibration/adv_ece", ctx.eps))
+        for title, key, eps in conditions:
+            start = time.perf_counter()
+            inputs, attack = x, {"attack": "none"}
+            if eps is not None:
+                _, inputs = pgd_correct(
+                    model,
+                    x,
+                    y,
+                    eps=eps,
+                    norm=ctx.norm,
+                    steps=self.steps,
+                    restarts=1,
+                    alpha=None,
+                    loss="ce",
+                    seed=ctx.seed,
+                    batch_size=ctx.batch_size,
+                    return_adversarial=True,
+                )
+                attack = {
+                    "attack": "pgd",
+                    "norm": ctx.norm,
+                    "eps": eps,
+                    "eps_255": round(eps * 255, 3),
+                    "steps": self.steps,
+                    "restarts": 1,
+                    "alpha": default_alpha(eps, self.steps),
+                    "loss": "ce",
+                }
+            confidence, correct = confidence_and_correct(model, inputs, y, ctx.batch_size)
+            stats = bin_statistics(confidence, correct, self.bins)
+            panels.append((f"{title} (PGD-{self.steps}, eps {eps:.4g})" if eps is not None else title, stats))
+            result.metrics[key] = stats["ece"]
+            result.settings[key] = {
+                **common,
+                **attack,
+                "seed": ctx.seed,
+                "accuracy": correct.double().mean().item(),
+                "mean_confidence": confidence.double().mean().item(),
+                "ci95": bootstrap_interval(confidence, correct, self.bins, self.bootstrap, ctx.seed),
+                "time_s": round(time.perf_counter() - start, 3),
+            }
+        if ctx.run_dir is not None:
+            path = write_plot(Path(ctx.run_dir), panels, self.bins)
+            for key in result.settings:
+                result.settings[key]["plot"] = path.name
+        return result
+
+
+def build(spec, cfg):
+    return Calibration(dict(spec), cfg)

@@ -1,0 +1,375 @@
+"""The evaluation suite: AutoAttack equals the official package run directly, sanity checks catch a
+gradient-masked model and pass an honest adversarially trained one, curves, calibration, per-class
+accuracy, suites and the report."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from runner import load_dataset
+from runner.attacks import pgd
+from runner.evaluate import build_evaluators, evaluate
+from runner.evaluators import autoattack, calibration, per_class, sanity
+from runner.evaluators import pgd as pgd_evaluator
+from runner.evaluators.base import EvalContext
+from runner.layers import Normalize
+
+EPS = 0.1
+
+
+class Quantize(nn.Module):
+    """Input quantisation: piecewise constant, so every input gradient is exactly zero (masking)."""
+
+    def __init__(self, levels: int = 4):
+        super().__init__()
+        self.levels = levels
+
+    def forward(self, x):
+        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
+
+
+class AlwaysDropout(nn.Module):
+    """A randomised defence: noise at every forward pass, eval mode included."""
+
+    def forward(self, x):
+        return nn.functional.dropout(x, 0.3, training=True)
+
+
+def mlp() -> nn.Sequential:
+    return nn.Sequential(
+        Normalize((0.305,), (0.38,)), nn.Flatten(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
+    )
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", "test")
+
+
+@pytest.fixture(scope="module")
+def honest_model():
+    """A small MLP briefly trained with PGD adversarial training (Madry et al.) on digits."""
+    torch.manual_seed(0)
+    x, y = load_dataset("digits", "train")
+    model = mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        order = torch.randperm(len(y), generator=generator)
+        for i in range(0, len(y), 128):
+            xb, yb = x[order[i : i + 128]], y[order[i : i + 128]]
+            model.eval()
+            x_adv = pgd(model, xb, yb, eps=EPS, steps=5, generator=generator)
+            model.train()
+            loss = nn.functional.cross_entropy(model(x_adv), yb)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def context(run_dir=None, **overrides) -> EvalContext:
+    values = {"norm": "linf", "eps": EPS, "device": torch.device("cpu"), "seed": 0, "batch_size": 500}
+    return EvalContext(**{**values, **overrides}, run_dir=run_dir)
+
+
+def run_suite(model, x, y, specs, ctx):
+    """What evaluate() does per evaluator, without a config: results accumulate in the context."""
+    results = []
+    for spec in specs:
+        module = __import__(f"runner.evaluators.{spec['name']}", fromlist=["build"])
+        result = module.build(spec, None)(model, x, y, ctx)
+        ctx.per_example.update(result.per_example)
+        ctx.metrics.update(result.metrics)
+        results.append(result)
+    return results
+
+
+SANITY_SUITE = [
+    {"name": "clean"},
+    {"name": "pgd", "steps": 20, "eps_factors": [0.5, 2]},
+    {"name": "sanity", "n_examples": 100, "square_queries": 300},
+]
+
+
+def sanity_checks(model, digits):
+    x, y = digits
+    results = run_suite(model, x[:150], y[:150], SANITY_SUITE, context())
+    return results[-1].checks, results
+
+
+def test_honest_at_model_passes_every_sanity_check(honest_model, digits):
+    checks, results = sanity_checks(honest_model, digits)
+    assert len(checks) >= 9
+    failed = [f"{c['name']}: {c['detail']}" for c in checks if not c["passed"]]
+    assert not failed, failed
+    assert results[1].metrics["pgd/acc"] > 0.3  # the AT model is robust, so the checks are not vacuous
+
+
+def test_gradient_masked_model_is_flagged(honest_model, digits):
+    masked = nn.Sequential(Quantize(4), *honest_model).eval()
+    checks, results = sanity_checks(masked, digits)
+    failed = {c["name"] for c in checks if not c["passed"]}
+    assert "sanity: input gradients are non-zero and finite" in failed
+    assert "sanity: robust accuracy ≈ 0 at a very large eps" in failed
+    # Masking makes PGD report *more* robustness than the honest model has: the trap the checks catch.
+    assert results[1].metrics["pgd/acc"] > sanity_checks(honest_model, digits)[1][1].metrics["pgd/acc"]
+
+
+def test_randomised_forward_pass_is_flagged(honest_model, digits):
+    x, y = digits
+    noisy = nn.Sequential(*honest_model[:3], AlwaysDropout(), *honest_model[3:]).eval()
+    check = sanity.randomness_check(noisy, x[:50], passes=3)
+    assert not check["passed"], check["detail"]
+    assert sanity.randomness_check(honest_model, x[:50], passes=3)["passed"]
+
+
+def test_not_rising_is_paired_and_tolerates_noise():
+    weaker = torch.ones(80, dtype=torch.bool)
+    weaker[40:] = False
+    stronger = weaker.clone()
+    stronger[:20] = False  # the stronger attack breaks 20 more points
+    assert sanity.not_rising("steps", weaker, stronger, "weak", "strong")["passed"]
+    rising = sanity.not_rising("steps", stronger, weaker, "weak", "strong")  # reversed: accuracy rises by 20
+    assert not rising["passed"] and "rise 20 points" in rising["detail"]
+    noisy = stronger.clone()
+    noisy[4] = True  # one point the other way: within noise
+    assert sanity.not_rising("steps", stronger, noisy, "a", "b")["passed"]
+    assert not sanity.not_rising("restarts", stronger, noisy, "a", "b", exact=True)["passed"]
+
+
+def test_eps_curve_checks_use_the_pgd_masks():
+    base = torch.ones(100, dtype=torch.bool)
+    small, threat, large = base.clone(), base.clone(), base.clone()
+    threat[:30] = False
+    large[:60] = False
+    masks = {"clean": base, "pgd/eps_0.05": small, "pgd": threat, "pgd/eps_0.2": large}
+    curves = sanity.curve_masks(masks, "linf", 0.1)
+    assert [eps for eps, _ in curves["linf"]] == [0.05, 0.1, 0.2]
+    assert all(c["passed"] for c in sanity.curve_checks(curves, "test"))
+    masks["pgd/eps_0.2"] = base  # accuracy back to 1 at the largest eps: a broken curve
+    (failed,) = sanity.curve_checks(sanity.curve_masks(masks, "linf", 0.1), "test")
+    assert not failed["passed"] and "FAILED" in failed["detail"]
+
+
+def test_pgd_curve_keys_restarts_and_l2(honest_model, digits):
+    x, y = digits
+    x, y = x[:80], y[:80]
+    ctx = context()
+    clean = run_suite(honest_model, x, y, [{"name": "clean"}], ctx)[0]
+    spec = {"name": "pgd", "steps": 10, "eps": ["8/255", 0.05], "eps_factors": [2]}
+    result = pgd_evaluator.build(spec, None)(honest_model, x, y, ctx)
+    assert set(result.metrics) == {"pgd/eps_0.0313725/acc", "pgd/eps_0.05/acc", "pgd/acc", "pgd/eps_0.2/acc"}
+    assert result.settings["pgd/eps_0.0313725/acc"]["eps_255"] == 8.0
+    assert (result.per_example["pgd"] <= clean.per_example["clean"]).all()  # robust needs clean-correct
+    single = pgd_evaluator.build({"name": "pgd", "steps": 10}, None)(honest_model, x, y, ctx)
+    restarted = pgd_evaluator.build({"name": "pgd", "steps": 10, "restarts": 3}, None)(
+        honest_model, x, y, ctx
+    )
+    assert (restarted.per_example["pgd"] <= single.per_example["pgd"]).all()  # per-example worst case
+    l2 = pgd_evaluator.build({"name": "pgd", "steps": 10, "norm": "l2", "eps": [0.5, 1.0]}, None)
+    result = l2(honest_model, x, y, ctx)
+    assert set(result.metrics) == {"pgd/l2/eps_0.5/acc", "pgd/l2/eps_1/acc"}
+    assert result.metrics["pgd/l2/eps_1/acc"] <= result.metrics["pgd/l2/eps_0.5/acc"] + 0.05
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"name": "pgd", "stepz": 3}, "unknown keys"),
+        ({"name": "pgd", "eps": "eight/255"}, "pgd.eps"),
+        ({"name": "pgd", "steps": 0}, "pgd.steps"),
+        ({"name": "autoattack", "version": "fast"}, "autoattack.version"),
+        ({"name": "calibration", "bins": -1}, "calibration.bins"),
+        ({"name": "sanity", "large_eps_max_acc": 2}, "sanity.large_eps_max_acc"),
+    ],
+)
+def test_bad_specs_name_the_key(spec, message):
+    module = __import__(f"runner.evaluators.{spec['name']}", fromlist=["build"])
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        module.build(spec, None)
+
+
+def test_skip_fooled_by_needs_an_earlier_evaluator_and_uses_its_mask():
+    evaluator = autoattack.build({"name": "autoattack", "skip_fooled_by": ["pgd"]}, None)
+    with pytest.raises(ValueError, match="skip_fooled_by"):
+        evaluator.skip_mask(context(), "autoattack/acc", 4)
+    ctx = context()
+    ctx.per_example["pgd"] = torch.tensor([True, False, True, False])
+    skip, used = evaluator.skip_mask(ctx, "autoattack/acc", 4)
+    assert used == ["pgd"] and skip.tolist() == [False, True, False, True]
+
+
+# ---- AutoAttack: the number equals the official package run directly -------------------------------
+
+AA_POINTS, AA_BATCH = 24, 10  # several batches per attack, so the batch partition is exercised
+
+
+def direct_autoattack(model, x, y) -> torch.Tensor:
+    from pyautoattack import AutoAttack
+
+    attack = AutoAttack(model, norm="Linf", eps=EPS, version="standard", seed=0, device="cpu")
+    x_adv, _ = attack.run_standard_evaluation(x, y, batch_size=AA_BATCH)
+    with torch.no_grad():
+        return model(x_adv).argmax(1) == y
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_autoattack_equals_direct_run_and_resumes(honest_model, digits, tmp_path, monkeypatch):
+    from pyautoattack import AutoAttack
+
+    x, y = digits
+    x, y = x[:AA_POINTS], y[:AA_POINTS]
+    expected = direct_autoattack(honest_model, x, y)
+
+    evaluator = autoattack.build({"name": "autoattack", "batch_size": AA_BATCH}, None)
+    original = AutoAttack.run_standard_evaluation
+    calls = []
+
+    def interrupt_third_call(self, *args, **kwargs):
+        calls.append(list(self.attacks_to_run))
+        if len(calls) == 3:
+            raise Interrupted
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", interrupt_third_call)
+    ctx = context(run_dir=tmp_path)
+    with pytest.raises(Interrupted):
+        evaluator(honest_model, x, y, ctx)
+    state_files = list((tmp_path / "autoattack").glob("*.json"))
+    assert len(state_files) == 1
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", original)
+    result = evaluator(honest_model, x, y, ctx)  # resumes after the two finished batches
+    settings = result.settings["autoattack/acc"]
+    assert settings["resumed"] and settings["equals_direct_run"]
+    assert torch.equal(result.per_example["autoattack"], expected)
+    assert result.metrics["autoattack/acc"] == pytest.approx(expected.float().mean().item())
+    assert 0 < result.metrics["autoattack/acc"] < 1  # some points robust, some broken: not vacuous
+    assert sum(settings["fooled_by"].values()) == int(settings["points_attacked"] - expected.sum())
+    assert result.metrics["autoattack/after_square/acc"] == result.metrics["autoattack/acc"]
+    assert all(c["passed"] for c in result.checks), result.checks
+
+    def must_not_attack(self, *args, **kwargs):
+        raise AssertionError("a completed evaluation must be read back, not recomputed")
+
+    monkeypatch.setattr(AutoAttack, "run_standard_evaluation", must_not_attack)
+    again = evaluator(honest_model, x, y, ctx)
+    assert torch.equal(again.per_example["autoattack"], expected)
+
+
+# ---- calibration and per-class accuracy ------------------------------------------------------------
+
+
+def brute_force_ece(confidence, correct, bins):
+    total = 0.0
+    for i in range(bins):
+        low, high = i / bins, (i + 1) / bins
+        members = [
+            (c, k)
+            for c, k in zip(confidence.tolist(), correct.tolist())
+            if (low < c <= high) or (i == 0 and c == 0)
+        ]
+        if members:
+            accuracy = sum(k for _, k in members) / len(members)
+            mean_confidence = sum(c for c, _ in members) / len(members)
+            total += len(members) / len(confidence) * abs(accuracy - mean_confidence)
+    return total
+
+
+def test_ece_matches_brute_force_and_bin_edges():
+    generator = torch.Generator().manual_seed(0)
+    confidence = torch.rand(500, generator=generator, dtype=torch.float64) * 0.9 + 0.1
+    correct = torch.rand(500, generator=generator, dtype=torch.float64) < confidence
+    ece = calibration.expected_calibration_error(confidence, correct, 15)
+    assert ece == pytest.approx(brute_force_ece(confidence, correct, 15), abs=1e-12)
+    # A perfectly calibrated bin contributes nothing; edges belong to the lower bin: (lo, hi].
+    stats = calibration.bin_statistics(
+        torch.tensor([1 / 15, 1.0, 0.5], dtype=torch.float64), torch.tensor([False, True, True]), 15
+    )
+    assert stats["count"][0] == 1 and stats["count"][14] == 1 and stats["count"][7] == 1
+    assert stats["ece"] == pytest.approx((1 / 15 + 0 + 0.5) / 3)
+
+
+def test_per_class_and_worst_class():
+    y = torch.tensor([0, 0, 1, 1, 1, 2])
+    clean = torch.tensor([True, True, True, False, True, False])
+    robust = torch.tensor([True, False, False, False, True, False])
+    ctx = context()
+    ctx.per_example.update({"clean": clean, "pgd": robust})
+    result = per_class.build({"name": "per_class"}, None)(None, torch.zeros(6, 1, 2, 2), y, ctx)
+    assert result.metrics["class/1/acc"] == pytest.approx(2 / 3)
+    assert result.metrics["class/worst_acc"] == 0.0 and result.settings["class/worst_acc"]["class"] == 2
+    assert result.metrics["class/0/robust_acc"] == 0.5
+    assert result.metrics["class/robust_worst_acc"] == 0.0
+    assert result.settings["class/1/acc"]["n_examples"] == 3
+    assert "pgd" in result.settings["class/robust_worst_acc"]["robust_source"]
+
+
+# ---- suites, settings, report ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suite", ["quick", "standard", "full"])
+def test_suites_compose_and_build(compose_cfg, suite):
+    cfg = compose_cfg(f"eval={suite}")
+    names = [e.name for e in build_evaluators(cfg)]
+    assert names[0] == "clean"
+    if suite != "quick":
+        assert "autoattack" in names
+    if suite == "full":
+        expected = {"pgd", "autoattack", "certified", "corruptions", "calibration", "per_class", "sanity"}
+        assert expected <= set(names) and names[-1] == "sanity"
+
+
+def test_evaluate_records_settings_intervals_checks_and_report(compose_cfg, honest_model, tmp_path):
+    cfg = compose_cfg(
+        "eval=quick",
+        "eval.n_examples=60",
+        "eval.evaluators=[{name: clean}, {name: pgd, steps: 10, eps_factors: [0.5, 2]}, "
+        "{name: calibration, steps: 5, bootstrap: 20}, {name: per_class}, "
+        "{name: sanity, n_examples: 40, square_queries: 100}]",
+    )
+    x, y = load_dataset("digits", "test")
+    out = evaluate(honest_model, cfg, x, y, torch.device("cpu"), tmp_path)
+    for key in ("clean/acc", "pgd/acc", "calibration/ece", "class/worst_acc", "class/robust_worst_acc"):
+        assert key in out["metrics"], key
+    for key, value in out["metrics"].items():
+        settings = out["eval"][key]
+        if key.endswith("acc"):
+            low, high = settings["ci95"]
+            assert low <= value <= high and settings["n_examples"] > 0 and "examples" in settings
+    assert out["eval"]["pgd/acc"]["n_examples"] == 60 and out["eval"]["pgd/acc"]["eps_255"] == 25.5
+    assert all(c["passed"] for c in out["checks"]), [c for c in out["checks"] if not c["passed"]]
+    report = (tmp_path / "report.md").read_text()
+    assert "`pgd/eps_0.05/acc`" in report and "`calibration/ece`" in report and "## Checks" in report
+    assert "sanity: robust accuracy ≈ 0 at a very large eps" in report
+    for plot in ("robustness_curve.png", "reliability.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"]({plot})" in report
+
+
+def test_wilson_interval_brackets_the_estimate():
+    from runner.evaluate import wilson_interval
+
+    low, high = wilson_interval(0.9, 100)
+    assert low < 0.9 < high and high - low == pytest.approx(2 * 1.96 * math.sqrt(0.09 / 100), rel=0.15)
+    assert wilson_interval(1.0, 50)[1] == 1.0 and wilson_interval(0.0, 50)[0] == 0.0
+
+
+def test_order_checks_compare_the_common_prefix():
+    from runner.evaluate import order_checks
+
+    per_example = {
+        "clean": torch.tensor([True, True, False, True]),
+        "autoattack": torch.tensor([True, False]),  # evaluated on the first two points only
+        "pgd": torch.tensor([True, False, True, False]),  # a point robust but misclassified: a bug
+    }
+    checks = {c["name"]: c for c in order_checks(per_example)}
+    assert checks["autoattack <= clean per point"]["passed"]
+    assert "of 2 points" in checks["autoattack <= clean per point"]["detail"]
+    assert not checks["pgd <= clean per point"]["passed"]

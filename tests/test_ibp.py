@@ -1,0 +1,336 @@
+"""IBP / CROWN-IBP training methods (schedules, initialisation, loss) and the certified evaluator."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+from runner import bounds
+from runner.evaluators import certified
+from runner.evaluators.base import EvalContext
+from runner.layers import Normalize, Residual
+from runner.methods import crown_ibp, ibp
+from runner.methods.base import StepContext
+
+EPS = 0.1
+SPE = 10  # steps per epoch in the schedule tests
+
+
+def run_cfg(module=ibp, log_every=1000, **method):
+    return OmegaConf.create(
+        {
+            "method": OmegaConf.structured(module.Config(**method)),
+            "threat": {"norm": "linf", "eps": EPS},
+            "train": {"log_every": log_every},
+        }
+    )
+
+
+def ctx(step, spe=SPE, eps=EPS):
+    return StepContext(
+        epoch=step // spe, step=step, steps_per_epoch=spe, total_steps=100 * spe, norm="linf", eps=eps
+    )
+
+
+def tiny_model(batch_norm=True, seed=0):
+    torch.manual_seed(seed)
+    layers = [Normalize([0.5], [0.3]), nn.Conv2d(1, 4, 3, stride=2, padding=1)]
+    layers += [nn.BatchNorm2d(4)] if batch_norm else []
+    layers += [nn.ReLU(), nn.Flatten(), nn.Linear(36, 12)]
+    layers += [nn.BatchNorm1d(12)] if batch_norm else []
+    layers += [nn.ReLU(), nn.Linear(12, 5)]
+    return nn.Sequential(*layers)
+
+
+def batch(n=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 6, 6, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+# ---- schedules ------------------------------------------------------------------------------------
+
+
+def test_smooth_ramp_is_the_slope_continuous_polynomial_then_linear():
+    f = ibp.smooth_ramp
+    assert f(0.0) == 0.0 and math.isclose(f(1.0), 1.0)
+    a = 1 / (0.25**4 + 4 * 0.25**3 * 0.75)
+    for t in (0.05, 0.1, 0.2, 0.25):
+        assert math.isclose(f(t), a * t**4)
+    for t in (0.3, 0.6, 0.9):  # linear with the polynomial's slope at 25%
+        assert math.isclose(f(t), a * 0.25**4 + 4 * a * 0.25**3 * (t - 0.25))
+    h = 1e-6
+    left, right = (f(0.25) - f(0.25 - h)) / h, (f(0.25 + h) - f(0.25)) / h
+    assert math.isclose(left, right, rel_tol=1e-3)
+    values = [f(i / 100) for i in range(101)]
+    assert all(b >= a for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("ramp", ["smooth", "linear"])
+def test_eps_schedule_warmup_ramp_and_plateau(ramp):
+    m = run_cfg(warmup_epochs=2, ramp_epochs=5, ramp=ramp, eps_factor=1.1).method
+    eps_train = 1.1 * EPS
+    assert all(ibp.eps_at(step, SPE, m, eps_train) == 0.0 for step in range(20))  # 2 warm-up epochs
+    for step in range(20, 70):
+        fraction = (step - 20 + 1) / 50
+        shaped = ibp.smooth_ramp(fraction) if ramp == "smooth" else fraction
+        assert math.isclose(ibp.eps_at(step, SPE, m, eps_train), eps_train * shaped)
+    assert math.isclose(ibp.eps_at(69, SPE, m, eps_train), eps_train)  # the ramp's last batch reaches it
+    assert all(ibp.eps_at(step, SPE, m, eps_train) == eps_train for step in range(70, 200))
+
+
+def test_kappa_schedules():
+    shi = run_cfg(kappa="shi", warmup_epochs=1, ramp_epochs=4).method
+    assert ibp.kappa_at(3, SPE, shi, 0.0) == 1.0 and ibp.kappa_at(13, SPE, shi, 0.01) == 0.0
+    gowal = run_cfg(kappa="gowal", kappa_start=1.0, kappa_end=0.5, warmup_epochs=1, ramp_epochs=4).method
+    assert ibp.kappa_at(5, SPE, gowal, 0.0) == 1.0
+    for step in range(10, 50):
+        assert math.isclose(ibp.kappa_at(step, SPE, gowal, 0.05), 1.0 - 0.5 * (step - 9) / 40)
+    assert ibp.kappa_at(80, SPE, gowal, EPS) == 0.5
+
+
+def test_crown_ibp_beta_follows_the_eps_ramp():
+    method = crown_ibp.build(run_cfg(crown_ibp, beta_start=1.0, beta_end=0.0))
+    assert method.beta(0.0, EPS) == 1.0 and method.beta(EPS, EPS) == 0.0
+    assert math.isclose(method.beta(0.025, EPS), 0.75)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("ramp", "cosine"), ("kappa", "madry"), ("ramp_epochs", -1.0), ("reg_lambda", -0.1)]
+)
+def test_bad_method_keys_fail_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=f"method.{key}"):
+        ibp.build(run_cfg(**{key: value}))
+
+
+# ---- initialisation -------------------------------------------------------------------------------
+
+
+def test_ibp_initialisation_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 64, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 30 * 30, 256),
+        nn.ReLU(),
+        nn.Linear(256, 10),
+    )
+    last_before = model[-1].weight.clone()
+    assert ibp.ibp_initialise(model) == 2
+    for layer, fan_in in [(model[0], 27), (model[3], 64 * 30 * 30)]:
+        expected = math.sqrt(2 * math.pi) / fan_in
+        assert abs(layer.weight.std().item() / expected - 1) < 0.05
+        assert abs(layer.weight.mean().item()) < 0.05 * expected
+    assert torch.equal(model[-1].weight, last_before)  # the classifier keeps its initialisation
+
+
+def test_setup_rejects_models_the_bounds_cannot_train():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(bounds.UnsupportedModel, match="Tanh"):
+        ibp.build(run_cfg()).setup(model)
+    residual = nn.Sequential(
+        nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.ReLU())), nn.Linear(4, 2)
+    )
+    ibp.build(run_cfg(ibp_init=False)).setup(residual)  # IBP bounds residual nets
+    with pytest.raises(bounds.UnsupportedModel, match="Residual"):
+        crown_ibp.build(run_cfg(crown_ibp)).setup(residual)
+
+
+# ---- the loss -------------------------------------------------------------------------------------
+
+
+def test_warmup_loss_is_clean_cross_entropy():
+    model, (x, y) = tiny_model().train(), batch()
+    method = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=2, reg_lambda=0.0))
+    loss, logs = method.loss(model, x, y, ctx(step=3))
+    assert logs["eps_t"] == 0.0 and logs["kappa"] == 1.0 and "robust_loss" not in logs
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+
+
+def test_robust_loss_after_the_ramp_uses_clean_batch_statistics():
+    model, (x, y) = tiny_model().train(), batch()
+    method = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=2, reg_lambda=0.0))
+    loss, logs = method.loss(model, x, y, ctx(step=40))
+    assert logs["eps_t"] == EPS and logs["kappa"] == 0.0
+    _, stats = bounds.forward_with_bn_stats(model, x)
+    expected = bounds.robust_cross_entropy(bounds.ibp_margin_bounds(model, x, y, EPS, bn_stats=stats), y)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.training
+
+
+def test_gowal_loss_mixes_clean_and_robust_cross_entropy():
+    model, (x, y) = tiny_model(batch_norm=False).train(), batch()
+    method = ibp.build(run_cfg(kappa="gowal", warmup_epochs=0, ramp_epochs=0, reg_lambda=0.0, eps_factor=1.1))
+    loss, logs = method.loss(model, x, y, ctx(step=0))
+    assert logs["kappa"] == 0.5 and math.isclose(logs["eps_t"], 1.1 * EPS)
+    robust = bounds.robust_cross_entropy(bounds.ibp_margin_bounds(model, x, y, 1.1 * EPS), y)
+    torch.testing.assert_close(loss, 0.5 * F.cross_entropy(model(x), y) + 0.5 * robust)
+
+
+def test_warmup_regulariser_is_added_during_the_ramp_and_vanishes_after():
+    model, (x, y) = tiny_model().train(), batch()
+    with_reg = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=4, reg_lambda=0.5))
+    without = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=4, reg_lambda=0.0))
+    for step in (0, 20):  # warm-up (reg at a tiny eps) and mid-ramp
+        loss, logs = with_reg.loss(model, x, y, ctx(step))
+        plain, _ = without.loss(model, x, y, ctx(step))
+        weight = 0.5 * (1 - logs["eps_t"] / EPS)
+        torch.testing.assert_close(loss, plain + weight * logs["reg_loss"])
+        assert logs["reg_loss"] > 0
+    _, logs = with_reg.loss(model, x, y, ctx(60))
+    assert "reg_loss" not in logs
+
+
+def test_regulariser_terms():
+    # Intervals that keep their width and balanced ReLU states cost nothing.
+    centre = torch.tensor([[1.0, -1.0, 2.0, -2.0]])
+    radius = torch.full_like(centre, 0.5)
+    assert ibp.warmup_regulariser(radius, [(centre, radius)], tol=0.5).item() == 0.0
+    # Intervals 10x wider than the input's: L_tightness = (0.5 - 0.1) / 0.5 = 0.8.
+    reg = ibp.warmup_regulariser(radius / 10, [(centre, radius)], tol=0.5)
+    assert math.isclose(reg.item(), 0.8, rel_tol=1e-6)
+
+
+def test_crown_ibp_loss_at_full_beta_uses_the_crown_bound():
+    model, (x, y) = tiny_model().train(), batch()
+    method = crown_ibp.build(run_cfg(crown_ibp, warmup_epochs=0, ramp_epochs=0, reg_lambda=0.0, beta_end=1.0))
+    loss, logs = method.loss(model, x, y, ctx(0))
+    assert logs["beta"] == 1.0
+    _, stats = bounds.forward_with_bn_stats(model, x)
+    lower = bounds.crown_margin_bounds(model, x, y, EPS, bn_stats=stats, intermediate="ibp")
+    torch.testing.assert_close(loss, bounds.robust_cross_entropy(lower, y))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_tightness_is_logged_on_the_steps_the_tracker_records():
+    model, (x, y) = tiny_model().train(), batch()
+    method = ibp.build(run_cfg(log_every=5, warmup_epochs=0, ramp_epochs=1))
+    assert "tightness" not in method.loss(model, x, y, ctx(3))[1]
+    tightness = method.loss(model, x, y, ctx(4))[1]["tightness"]
+    assert 0 < tightness <= 1
+
+
+def test_validate_selects_on_ibp_certified_accuracy():
+    model, (x, y) = tiny_model().eval(), batch(n=40)
+    method = ibp.build(run_cfg(val_batch_size=16))
+    assert method.select_on == "certified"
+    metrics = method.validate(model, x, y, ctx(0))
+    certified_acc = bounds.certified_mask(bounds.ibp_margin_bounds(model, x, y, EPS), y).float().mean().item()
+    assert metrics["val/score"] == metrics["val/ibp_cert_acc"] == pytest.approx(certified_acc)
+    assert metrics["val/clean_acc"] == pytest.approx((model(x).argmax(1) == y).float().mean().item())
+
+
+# ---- the certified evaluator ----------------------------------------------------------------------
+
+
+def eval_ctx(eps=EPS, **per_example):
+    return EvalContext(
+        norm="linf",
+        eps=eps,
+        device=torch.device("cpu"),
+        seed=0,
+        batch_size=16,
+        run_dir=None,
+        per_example=per_example,
+    )
+
+
+def robust_model():
+    """A model with large margins around its inputs, so that something gets certified."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 5)
+    )
+    return model.eval()
+
+
+def test_certified_evaluator_reports_every_method_and_their_union():
+    model = robust_model()
+    x, _ = batch(n=30)
+    y = model(x).argmax(1)
+    result = certified.build({"name": "certified"}, None)(model, x, y, eval_ctx(eps=0.002))
+    masks = {m: result.per_example[f"certified_{m}"] for m in bounds.METHODS}
+    for method, mask in masks.items():
+        assert result.metrics[f"certified/{method}/acc"] == pytest.approx(mask.float().mean().item())
+        settings = result.settings[f"certified/{method}/acc"]
+        assert settings["n_examples"] == 30 and settings["time_s"] >= 0 and settings["eps"] == 0.002
+    union = masks["ibp"] | masks["crown_ibp"] | masks["crown"]
+    assert torch.equal(result.per_example["certified"], union) and union.any()
+    assert result.metrics["certified/acc"] == pytest.approx(union.float().mean().item())
+    assert all(check["passed"] for check in result.checks)
+    # A larger eps never certifies more.
+    wide = certified.build({"name": "certified"}, None)(model, x, y, eval_ctx(eps=0.05))
+    assert (wide.per_example["certified"] <= result.per_example["certified"]).all()
+
+
+def test_certified_evaluator_reports_unsupported_methods():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Flatten(), Residual(nn.Sequential(nn.Linear(36, 36), nn.ReLU())), nn.Linear(36, 5)
+    )
+    x, y = batch()
+    result = certified.build({"name": "certified"}, None)(model.eval(), x, y, eval_ctx())
+    assert "certified/ibp/acc" in result.metrics and "certified/crown/acc" not in result.metrics
+    unsupported = result.settings["certified/acc"]["unsupported"]
+    assert set(unsupported) == {"crown_ibp", "crown"} and "Residual" in unsupported["crown"]
+    assert {c["name"] for c in result.checks} >= {
+        "certified/crown applicable",
+        "certified/crown_ibp applicable",
+    }
+    too_wide = certified.build({"name": "certified", "crown_max_neurons": 10}, None)
+    result = too_wide(robust_model(), x, y, eval_ctx())
+    assert "crown_max_neurons" in result.settings["certified/acc"]["unsupported"]["crown"]
+    l2_run = OmegaConf.create({"threat": {"norm": "l2", "eps": 0.5}})
+    ok, reason = certified.build({"name": "certified"}, l2_run).supports(robust_model())
+    assert not ok and "l2" in reason
+    with pytest.raises(ValueError, match="unknown keys"):
+        certified.build({"name": "certified", "stepz": 3}, None)
+    with pytest.raises(ValueError, match="methods"):
+        certified.build({"name": "certified", "methods": ["deeppoly"]}, None)
+
+
+def test_certified_evaluator_flags_a_certified_point_that_is_misclassified():
+    model = robust_model()
+    x, _ = batch(n=30)
+    y = model(x).argmax(1)
+    wrong_clean = torch.zeros(30, dtype=torch.bool)  # a (deliberately false) clean result from earlier
+    result = certified.build({"name": "certified"}, None)(model, x, y, eval_ctx(eps=0.002, clean=wrong_clean))
+    check = next(c for c in result.checks if c["name"] == "certified <= clean per point")
+    assert not check["passed"]
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["ibp", "crown_ibp"])
+def test_certified_training_run_end_to_end(compose_cfg, tmp_path, method):
+    from runner.train import run
+
+    overrides = [
+        f"+method={method}",
+        "eval=certified",
+        "train.epochs=2",
+        "method.warmup_epochs=0",
+        "method.ramp_epochs=1",
+        "train.progress=plain",
+        "train.log_every=5",
+        "eval.n_examples=40",
+        "optimizer=adam",
+        "optimizer.lr=5e-3",
+        "train.grad_clip=10",
+    ]
+    results = run(compose_cfg(*overrides), tmp_path)
+    metrics = results["metrics"]
+    assert results["run"]["method"] == method
+    for key in ("certified/ibp/acc", "certified/crown_ibp/acc", "certified/crown/acc", "certified/acc"):
+        assert 0 <= metrics[key] <= metrics["certified/acc"] <= metrics["clean/acc"]
+        assert results["eval"][key]["n_examples"] == 40
+    assert all(check["passed"] for check in results["checks"]), results["checks"]
+    rows = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eps_t"' in line]
+    assert rows and '"tightness"' in rows[-1]

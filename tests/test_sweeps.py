@@ -1,0 +1,149 @@
+"""Sweeps: Hydra multirun through the joblib and submitit launchers (complete, separate runs), the
+background launch script, the SLURM presets' sbatch script, and requeue-and-resume of a submitit job
+stopped by the time-limit signal."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["train.epochs=1", "eval=none"]
+
+
+def _env() -> dict:
+    # One thread per run: several runs share these cores, and torch's default (all cores each) thrashes.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+
+def _assert_four_complete_runs(sweep_dir: Path) -> None:
+    runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
+    assert [r.name for r in runs] == [
+        "+method=at,seed=0,train.epochs=1", "+method=at,seed=1,train.epochs=1",
+        "+method=erm,seed=0,train.epochs=1", "+method=erm,seed=1,train.epochs=1",
+    ]
+    for run_dir in runs:
+        assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+        results = json.loads((run_dir / "results.json").read_text())
+        method, seed = run_dir.name.split(",")[:2]
+        assert results["run"]["method"] == method.split("=")[1]
+        assert results["run"]["seed"] == int(seed.split("=")[1])
+        assert results["train"]["steps"] > 0
+        assert (run_dir / "checkpoints" / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_joblib_sweep_launched_in_the_background_gives_four_complete_runs(tmp_path):
+    sweep_dir = tmp_path / "joblib sweep"  # a space: the directory reaches Hydra quoted
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "launch_sweep.py"), "--wait", "--sweep-dir", str(sweep_dir),
+         "+method=erm,at", "seed=0,1", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *TINY],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    log = (sweep_dir / "sweep.log").read_text() if (sweep_dir / "sweep.log").exists() else ""
+    assert proc.returncode == 0, proc.stdout + proc.stderr + log[-3000:]
+    assert f"runs:     {sweep_dir}" in proc.stdout
+    assert (sweep_dir / "sweep.exit").read_text().strip() == "0"
+    _assert_four_complete_runs(sweep_dir)
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_gives_four_complete_runs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [str(BIN / "robust-train"), "-m", "+method=erm,at", "seed=0,1", "hydra/launcher=submitit_local",
+         *TINY, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _assert_four_complete_runs(sweep_dir)
+    assert list((sweep_dir / ".submitit").iterdir())  # the jobs really went through submitit
+
+
+@pytest.mark.slow
+def test_submitit_job_stopped_by_the_time_limit_signal_is_requeued_and_resumes(tmp_path):
+    """SIGUSR1 (what the slurm presets have SLURM send before the time limit) mid-epoch: the run
+    checkpoints, submitit requeues the job, and the new attempt resumes in the same run directory."""
+    sweep_dir = tmp_path / "sweep"
+    sweep = subprocess.Popen(
+        [str(BIN / "robust-train"), "-m", "+method=at", "train.epochs=3", "train.log_every=1",
+         "hydra/launcher=submitit_local", *TINY[1:], f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        run_dir = sweep_dir / "+method=at,train.epochs=3"
+        deadline = time.monotonic() + 240
+        while "step 2 " not in _read(run_dir / "train.log"):
+            assert sweep.poll() is None and time.monotonic() < deadline, _read(run_dir / "train.log")
+            time.sleep(0.1)
+        job_pid = int((run_dir / ".lock").read_text())  # the process training in this run directory
+        os.kill(job_pid, signal.SIGUSR1)
+        output, _ = sweep.communicate(timeout=300)
+    finally:
+        sweep.kill()
+    assert sweep.returncode == 0, output[-4000:]
+    log = _read(run_dir / "train.log")
+    assert "stopped by SIGUSR1" in log
+    assert "resumed at epoch 0 batch" in log  # mid-epoch, in the same directory
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
+    assert json.loads((run_dir / "results.json").read_text())["train"]["steps"] == 3 * 21
+    submitit_logs = "".join(_read(p) for p in (sweep_dir / ".submitit").rglob("*.err"))
+    assert "Caught signal" in submitit_logs  # submitit's own pre-emption handler did the requeue
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
+# ---- SLURM presets (no cluster needed: the sbatch script is written, not submitted) -----------------------
+
+@pytest.mark.parametrize(("preset", "gpus", "tasks"), [("slurm_gpu", 1, 1), ("slurm_gpu_ddp", 4, 4)])
+def test_slurm_presets_ask_for_gpus_and_the_checkpoint_signal(preset, gpus, tasks, tmp_path, monkeypatch):
+    import submitit
+    from hydra import compose, initialize_config_module
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
+    from omegaconf import OmegaConf
+
+    from runner.config import register_configs
+
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit only checks that SLURM is installed
+    (fake_bin / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+
+    register_configs()
+    overrides = [f"hydra/launcher={preset}", "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}/s"]
+    with initialize_config_module(config_module="runner.configs", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params.pop("_target_").endswith("SlurmLauncher")
+    launcher = SlurmLauncher(**params)
+    launcher.config = cfg
+
+    class Submitted(Exception):
+        pass
+
+    def capture(executor, function, *arguments):
+        command = "python -m submitit.core._submit x"
+        raise Submitted(executor._executor._make_submission_file_text(command, "u"))
+
+    monkeypatch.setattr(submitit.AutoExecutor, "map_array", capture)
+    with pytest.raises(Submitted) as submitted:
+        launcher.launch([["seed=0"], ["seed=1"]], 0)
+    script = str(submitted.value)
+    assert f"#SBATCH --gpus-per-node={gpus}\n" in script
+    assert f"#SBATCH --ntasks-per-node={tasks}\n" in script
+    assert "#SBATCH --partition=gpu\n" in script
+    assert "#SBATCH --signal=USR1@120\n" in script  # the run checkpoints on USR1 (not submitit's USR2)
+    assert f"#SBATCH --time={params['timeout_min']}\n" in script
+    assert params["max_num_timeout"] > 0  # requeues allowed
