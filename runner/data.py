@@ -267,26 +267,33 @@ def draw_augmentation(n: int, kind: str, padding: int, g: torch.Generator, devic
 
 
 class CropWindows:
-    """Random crops (and flips) of zero-padded images as one gather per batch.
+    """Random crops (and flips) of zero-padded images: one row gather and one element gather per batch.
 
-    The padded images are stored once; `unfold` views them as every H×W window, so a batch of crops is a
-    single indexing of (image, top, left), done on the stored dtype (uint8: 4x less memory traffic)
-    before the conversion to float. A flip is a gather of the columns in reverse order. On CPU this is
-    ~20x faster than indexing each pixel of a per-batch padded copy.
+    The padded images are stored once (in the stored dtype: uint8 moves 4x fewer bytes than float). A
+    batch picks its padded images with `index_select`, then takes every crop pixel with one `gather`
+    over each image's flattened H×W, the flip folded into the column index; the conversion to float
+    comes last, on the crop. On CPU this is ~40x faster than indexing each pixel of a per-batch padded
+    copy, and it needs no second (flipped) copy of the data.
     """
 
     def __init__(self, x: torch.Tensor, padding: int):
         self.height, self.width = x.shape[-2:]
-        padded = torch.nn.functional.pad(x, (padding,) * 4)
-        self.windows = padded.unfold(2, self.height, 1).unfold(3, self.width, 1)  # N, C, 2p+1, 2p+1, H, W
-        self.columns = torch.arange(self.width, device=x.device)
+        self.padded = torch.nn.functional.pad(x, (padding,) * 4)
+        self.padded_width = self.width + 2 * padding
+        device = x.device
+        self.row_offsets = torch.arange(self.height, device=device) * self.padded_width
+        self.columns = torch.arange(self.width, device=device)
 
     def __call__(self, idx, top, left, flip=None) -> torch.Tensor:
-        crops = self.windows[idx, :, top, left]  # N, C, H, W
+        n, channels = len(idx), self.padded.shape[1]
+        images = self.padded.index_select(0, idx).flatten(2)  # N, C, (H + 2p)(W + 2p)
+        columns = self.columns.expand(n, -1)
         if flip is not None:
             columns = torch.where(flip[:, None], self.width - 1 - self.columns, self.columns)
-            crops = torch.gather(crops, 3, columns[:, None, None, :].expand_as(crops))
-        return to_float(crops)
+        corner = top * self.padded_width + left
+        pixel = corner[:, None, None] + self.row_offsets[:, None] + columns[:, None, :]  # N, H, W
+        crops = torch.gather(images, 2, pixel.reshape(n, 1, -1).expand(n, channels, -1))
+        return to_float(crops.view(n, channels, self.height, self.width))
 
 
 def augment_batch(x: torch.Tensor, kind: str, padding: int, g: torch.Generator) -> torch.Tensor:

@@ -21,7 +21,9 @@ with τ = η − M > 0 and the gaps a_j = M − ℓ_j ≥ 0, in the form
 and no overflow for tiny τ (large r).
 """
 
+import functools
 import math
+import sys
 
 import torch
 
@@ -46,8 +48,6 @@ def _check(losses: torch.Tensor, alpha: float, r: float) -> None:
         raise ValueError(f"method.alpha must be in [0, 1), got {alpha}")
     if not (0.0 <= r < math.inf):
         raise ValueError(f"method.r must be finite and >= 0, got {r}")
-    if not bool(torch.isfinite(losses).all()):
-        raise ValueError("HR weights need finite per-sample losses")
 
 
 def alpha_step(losses: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -68,36 +68,46 @@ def _phi(tau: torch.Tensor, q: torch.Tensor, gaps: torch.Tensor, r: float) -> to
     """φ at each τ in `tau` (shape (k,)), from q and the gaps (shape (n,)).
 
     With u_j = τ/(τ + a_j) ∈ (0, 1]: φ = −r − Σ q_j log u_j + log Σ q_j u_j (the form in the module
-    docstring with log1p(a/τ) = −log u), two matrix-vector products instead of four reductions.
+    docstring with log1p(a/τ) = −log u). xlogy keeps a trimmed sample (q_j = 0) out even where u_j
+    underflows to 0.
     """
     u = tau.unsqueeze(-1) / (tau.unsqueeze(-1) + gaps)
-    return torch.log(u @ q) - torch.log(u) @ q - r
+    return torch.log(u @ q) - torch.xlogy(q, u).sum(-1) - r
 
 
-def _bracket(q: torch.Tensor, gaps: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """[lo, 2·lo] with φ(lo) ≥ 0 > φ(2·lo): the doubling search from the q-mean gap (the natural scale of
-    the losses' spread), its 2·DOUBLING_WINDOW + 1 doublings and halvings evaluated at once, the window
-    moved on when the sign change lies beyond it. lo = 0 when the root lies below float64's range."""
-    scale = q @ gaps
-    offsets = torch.arange(-DOUBLING_WINDOW, DOUBLING_WINDOW + 1, device=q.device, dtype=q.dtype)
-    centre = 0
+@functools.lru_cache(maxsize=16)
+def _grids(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The doubling window's exponents and the bisection's dyadic fractions, made once per device."""
+    exponents = torch.arange(-DOUBLING_WINDOW, DOUBLING_WINDOW + 1, device=device, dtype=dtype)
+    fractions = torch.arange(2**SECTION_STEPS + 1, device=device, dtype=dtype) / 2**SECTION_STEPS
+    return exponents, fractions
+
+
+def _bracket(q: torch.Tensor, gaps: torch.Tensor, r: float, scale: float) -> tuple[float, float]:
+    """[lo, 2·lo] with φ(lo) ≥ 0 > φ(2·lo): the doubling search from `scale` (the q-mean gap, the losses'
+    natural spread), its 2·DOUBLING_WINDOW + 1 doublings and halvings evaluated at once, the window moved
+    on when the sign change lies beyond it. lo underflows (0 or subnormal) when the root is that small."""
+    exponents, _ = _grids(q.device, q.dtype)
+    shift = 0
     for _ in range(MAX_BRACKET_STEPS // DOUBLING_WINDOW):
-        taus = scale * torch.exp2(offsets + centre)
-        # φ is decreasing, so the points with φ ≥ 0 are a prefix; a τ that underflowed to 0 has φ = +∞.
-        above = int(((_phi(taus, q, gaps, r) >= 0) | (taus == 0)).sum())
-        if 0 < above < len(taus):
-            return taus[above - 1 : above], taus[above : above + 1]
-        centre += 2 * DOUBLING_WINDOW if above else -2 * DOUBLING_WINDOW
+        values = _phi(torch.exp2(exponents + shift) * scale, q, gaps, r)
+        # φ is decreasing, so the points with φ ≥ 0 are a prefix; a τ that underflowed to 0 gives NaN
+        # where φ is +∞.
+        above = int((values.nan_to_num(nan=math.inf) >= 0).sum())
+        if 0 < above < len(values):
+            exponent = above - 1 - DOUBLING_WINDOW + shift
+            return math.ldexp(scale, exponent), math.ldexp(scale, exponent + 1)
+        shift += 2 * DOUBLING_WINDOW if above else -2 * DOUBLING_WINDOW
     raise FloatingPointError(f"HR: no root of phi within float64's range (method.r = {r})")
 
 
-def _root(q: torch.Tensor, gaps: torch.Tensor, r: float) -> torch.Tensor:
+def _root(q: torch.Tensor, gaps: torch.Tensor, r: float, scale: float) -> torch.Tensor | float:
     """τ* = η* − M > 0 with φ(τ*) = 0: doubling bracket, bisection, interpolation in the last bracket."""
-    lo, hi = _bracket(q, gaps, r)
-    if lo.item() == 0:  # the root underflows: the worst case is the max itself
-        return hi[0]
-    fractions = torch.arange(2**SECTION_STEPS + 1, device=q.device, dtype=q.dtype) / 2**SECTION_STEPS
-    ends = torch.cat([lo, hi])
+    lo, hi = _bracket(q, gaps, r, scale)
+    if lo < sys.float_info.min:  # the root is below float64's normal range: the worst case is the max itself
+        return hi
+    _, fractions = _grids(q.device, q.dtype)
+    ends = torch.tensor([lo, hi], device=q.device, dtype=q.dtype)
     for _ in range(BISECTION_STEPS // SECTION_STEPS):
         points = torch.lerp(ends[0], ends[1], fractions)  # the bracket's ends included: φ(lo) ≥ 0 > φ(hi)
         values = _phi(points, q, gaps, r)
@@ -119,10 +129,13 @@ def hr_weights(losses: torch.Tensor, alpha: float, r: float) -> tuple[torch.Tens
     ell = losses.detach().to(torch.float64)
     q = alpha_step(ell, alpha)
     gaps = ell.max() - ell
-    if r == 0.0 or not bool(q @ gaps > 0):  # no KL ball, or all mass on the max: q is the worst case
+    spread = float(q @ gaps)  # the one host synchronisation before the bracket search; NaN if ℓ is not finite
+    if not math.isfinite(spread):
+        raise ValueError("HR weights need finite per-sample losses")
+    if r == 0.0 or spread == 0.0:  # no KL ball, or all mass on the max: q is the worst case
         p = q
     else:
-        tau = _root(q, gaps, r)
+        tau = _root(q, gaps, r, spread)
         unnormalised = q / (1.0 + gaps / tau)  # ∝ q_j/(η* − ℓ_j), scaled by τ to stay finite
         p = unnormalised / unnormalised.sum()
     return p, (p * ell).sum()

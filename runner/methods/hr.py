@@ -31,17 +31,17 @@ class HR(AT):
             raise ValueError(f"method.alpha must be in [0, 1), got {m.alpha}")
         if not (m.r >= 0.0):
             raise ValueError(f"method.r must be >= 0, got {m.r}")
+        self.alpha, self.r = float(m.alpha), float(m.r)  # read once: config access costs per step
 
     def loss(self, model, x, y, ctx):
-        alpha, r = self.cfg.method.alpha, self.cfg.method.r
-        if alpha == 0 and r == 0:  # uniform weights: exactly AT's loss (same ops, same result)
+        if self.alpha == 0 and self.r == 0:  # uniform weights: exactly AT's loss (same ops, same result)
             loss, logs = super().loss(model, x, y, ctx)
             n = len(y)
             return loss, {**logs, "hr/max_weight": 1.0 / n, "hr/weight_entropy": math.log(n)}
         x_adv = self.adversarial(model, x, y, ctx)
         logits = model(x_adv)
         per_example = F.cross_entropy(logits, y, reduction="none")
-        weights, hr_value = hr_weights(per_example.detach(), alpha, r)
+        weights, _ = hr_weights(per_example.detach(), self.alpha, self.r)
         loss = (weights.to(per_example.dtype) * per_example).sum()
         return loss, {
             "loss": loss.detach(),
