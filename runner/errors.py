@@ -85,7 +85,8 @@ def _hydra(err) -> str | None:
     if isinstance(err, OverrideParseException):
         detail = [line for line in str(err).splitlines()[1:] if line and not line.startswith("See ")]
         return (f"cannot parse the override {err.override!r}: {'; '.join(detail) or _first_line(err)} "
-                f"(overrides are key=value, +key=value to add, ~key to delete)")
+                f"(overrides are key=value, +key=value to add, ~key to delete; quote a value that holds "
+                f"'=', ',' or spaces: \"key='a=b,c'\")")
     if isinstance(err, ConfigCompositionException):
         cause = err.__cause__
         match = re.search(r"override (\S+=\S*)", str(err))

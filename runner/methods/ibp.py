@@ -31,11 +31,11 @@ SMOOTH_POWER = 4.0
 @dataclass
 class Config(MethodConfig):
     name: str = "ibp"
-    warmup_epochs: float = 1.0  # epochs at eps = 0 (clean training) before the ramp
-    ramp_epochs: float = 10.0  # epochs over which eps_t grows from 0 to eps_train
+    warmup_epochs: float = 5.0  # epochs at eps = 0 (clean training) before the ramp
+    ramp_epochs: float = 50.0  # epochs over which eps_t grows from 0 to eps_train
     ramp: str = "smooth"  # smooth (Gowal, CROWN-IBP, Shi) | linear
-    eps_factor: float = 1.0  # eps_train = eps_factor · threat.eps (Gowal, CROWN-IBP: 1.1; Shi: 1.0)
-    kappa: str = "shi"  # shi: clean CE while eps_t = 0, then robust only | gowal: kappa_start -> kappa_end
+    eps_factor: float = 1.5  # eps_train = eps_factor · threat.eps (Gowal CIFAR, CROWN-IBP: 1.1; Shi: 1.0)
+    kappa: str = "gowal"  # shi: clean CE while eps_t = 0, then robust only | gowal: kappa_start -> kappa_end
     kappa_start: float = 1.0
     kappa_end: float = 0.5
     ibp_init: bool = True  # Shi et al.: weights ~ N(0, 2π/fan_in²) except the last layer's
