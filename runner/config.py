@@ -8,7 +8,7 @@ Groups mirror the code: a method's schema is the `Config` dataclass of its modul
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import MISSING
 
@@ -55,7 +55,7 @@ class MethodConfig:
 
     name: str = MISSING
     sam: bool = False
-    rho: Optional[float] = None  # SAM radius; None: 0.05, or 2.0 when adaptive (ASAM needs ~10x)
+    rho: float | None = None  # SAM radius; None: 0.05, or 2.0 when adaptive (ASAM needs ~10x)
     adaptive: bool = False  # ASAM
 
 
@@ -64,7 +64,7 @@ class AttackConfig:
     """The training attack (the shared PGD). alpha None: 2.5·eps/steps, or 1.25·eps when steps = 1."""
 
     steps: int = 10
-    alpha: Optional[float] = None
+    alpha: float | None = None
     restarts: int = 1
     random_start: bool = True
     bn_mode: str = "eval"  # BN mode while generating attacks: eval (TRADES, Madry) | train (Rice, fast AT)
@@ -74,7 +74,7 @@ class AttackConfig:
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
-    grad_clip: Optional[float] = None  # max global grad norm (SAM: applied to the second gradient)
+    grad_clip: float | None = None  # max global grad norm (SAM: applied to the second gradient)
     log_every: int = 50  # plain log line every N steps (SLURM logs and CI have no TTY)
     val_every: int = 1  # epochs between validations (best.pt selection)
     precision: str = "fp32"  # fp32 | bf16 (training only; evaluation attacks always run in fp32)
@@ -108,7 +108,7 @@ class SchedulerConfig:
 @dataclass
 class EvalConfig:
     name: str = MISSING
-    n_examples: Optional[int] = None  # None: the whole test split; else its first n (fixed order)
+    n_examples: int | None = None  # None: the whole test split; else its first n (fixed order)
     batch_size: int = 500
     seed: int = 0  # attack randomness; independent of the training seed
     checkpoint: str = "best"  # which checkpoint train-then-evaluate uses: best | last
@@ -119,7 +119,7 @@ class EvalConfig:
 class LoggerConfig:
     name: str = MISSING  # none | wandb
     project: str = "robust-train"
-    entity: Optional[str] = None
+    entity: str | None = None
     mode: str = "auto"  # auto (offline without credentials) | online | offline | disabled
     tags: list = field(default_factory=list)
 
@@ -139,7 +139,7 @@ class RunConfig:
     scheduler: SchedulerConfig = MISSING
     eval: EvalConfig = MISSING
     logger: LoggerConfig = MISSING
-    ckpt: Optional[str] = None  # robust-eval: the run dir or .pt to evaluate
+    ckpt: str | None = None  # robust-eval: the run dir or .pt to evaluate
 
 
 def method_modules() -> list[str]:

@@ -5,6 +5,7 @@ import time
 from runner.attacks import predict
 from runner.evaluators.base import EvalResult, Evaluator
 
+
 class Clean(Evaluator):
     name = "clean"
 
