@@ -23,7 +23,7 @@ class EvalContext:
 @dataclass
 class EvalResult:
     metrics: dict = field(default_factory=dict)  # flat slash keys -> float, e.g. {"pgd/acc": 0.91}
-    settings: dict = field(default_factory=dict)  # metric key -> {attack, steps, restarts, eps, n_examples, seed, time_s, ...}
+    settings: dict = field(default_factory=dict)  # metric key -> {attack, steps, eps, n_examples, seed, time_s, ...}
     checks: list = field(default_factory=list)  # [{"name", "passed", "detail"}]
     per_example: dict = field(default_factory=dict)  # name -> BoolTensor[N] of per-point correctness
 
