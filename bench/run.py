@@ -7,7 +7,8 @@ Every step time goes through the runner's own objects (the composed config, `bui
 `build_method`, `build_optimizer`, `build_update`: `update(model, method, x, y, ctx)` is exactly the
 training loop's step) with warm-up, and is the median over interleaved rounds, so a load spike on a
 shared machine hits every method alike instead of one. Torch's intra-op threads are set explicitly
-(default 1 on CPU: on a loaded machine more threads than idle cores makes every timing a lottery).
+(default 1 on CPU); with one CPU thread steps are timed on the process's CPU clock, whole processes
+(start-up, end to end) on their CPU time, with wall time reported beside it.
 """
 
 import argparse

@@ -25,8 +25,13 @@ from runner.config import register_configs
 
 
 def run_name(override_dirname: str) -> str:
-    """A run directory name from the command's overrides: the same command, the same directory."""
-    name = re.sub(r"[^A-Za-z0-9=,+._\-]", "_", override_dirname.replace("/", "_")) or "default"
+    """A run directory name from the command's overrides: the same command, the same directory.
+
+    `+method=at,seed=0` becomes `method-at+seed-0`: no '=' or ',', so the directory can be passed back
+    unquoted as a Hydra value (`robust-eval ckpt=outputs/runs/method-at+seed-0`).
+    """
+    items = [item.lstrip("+~").replace("=", "-", 1) for item in override_dirname.split(",") if item]
+    name = re.sub(r"[^A-Za-z0-9+._\-@]", "_", "+".join(items).replace("/", "_")) or "default"
     if len(name) > 120:  # long sweeps: keep it readable and unique
         name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
     return name

@@ -76,12 +76,8 @@ def make_net(kind: str, seed: int = 0) -> nn.Sequential:
             nn.Linear(6, 4),
         )
     elif kind == "residual":
-        main = nn.Sequential(
-            nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1)
-        )
-        down = Residual(
-            nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()), nn.Conv2d(3, 4, 1, stride=2)
-        )
+        main = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))
+        down = Residual(nn.Sequential(nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.ReLU()), nn.Conv2d(3, 4, 1, stride=2))
         net = nn.Sequential(
             norm,
             nn.Conv2d(1, 3, 3, padding=1),
@@ -300,9 +296,7 @@ def test_supports_names_what_it_cannot_bound():
     assert bounds.supports(make_net("residual"), "ibp") == (True, "")
     ok, reason = bounds.supports(make_net("residual"), "crown")
     assert not ok and "Residual" in reason
-    ok, reason = bounds.supports(
-        nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), "ibp"
-    )
+    ok, reason = bounds.supports(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2)), "ibp")
     assert not ok and "Tanh" in reason
     ok, reason = bounds.supports(
         nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(8, 2)),
@@ -329,9 +323,7 @@ def test_certified_mask_and_worst_case_logits():
 def test_tightness_is_one_when_ibp_is_exact_and_in_unit_interval_otherwise():
     x, y = inputs()
     # One path from each input to the output (a diagonal hidden layer): nothing can cancel, IBP is exact.
-    one_path = nn.Sequential(
-        Normalize([0.4], [0.3]), nn.Flatten(), nn.Linear(36, 36), nn.ReLU(), nn.Linear(36, 4)
-    )
+    one_path = nn.Sequential(Normalize([0.4], [0.3]), nn.Flatten(), nn.Linear(36, 36), nn.ReLU(), nn.Linear(36, 4))
     with torch.no_grad():
         one_path[2].weight.copy_(torch.diag(torch.randn(36)))
     torch.testing.assert_close(bounds.ibp_tightness(one_path, x, y), torch.ones(len(y)))
@@ -348,10 +340,7 @@ def test_tightness_numerator_matches_the_input_gradient():
     xg = x.clone().requires_grad_(True)
     logits = model(xg)
     exact = torch.stack(
-        [
-            torch.autograd.grad(logits[0, y[0]] - logits[0, j], xg, retain_graph=True)[0].abs().sum()
-            for j in range(4)
-        ]
+        [torch.autograd.grad(logits[0, y[0]] - logits[0, j], xg, retain_graph=True)[0].abs().sum() for j in range(4)]
     )
     # IBP radius of the same linear network, by propagating |W| and the ReLU pattern layer by layer.
     radius, activation = torch.ones_like(x), x
@@ -384,3 +373,17 @@ def test_bounds_run_on_cuda():
             lower.cpu(), bounds.margin_lower_bounds(model.cpu(), x.cpu(), y.cpu(), 0.05, method=method)
         )
         model.cuda()
+
+
+def test_full_crown_refines_intervals_after_two_mixing_layers_without_a_relu():
+    """Linear -> Linear -> ReLU: IBP already loses cancellations before the first ReLU, so CROWN's own
+    intermediate bounds (exact there) must beat CROWN-IBP's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 10), nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 4)).eval()
+    x, y = inputs()
+    with torch.no_grad():
+        crown_ibp = bounds.margin_lower_bounds(model, x, y, 0.05, method="crown_ibp")
+        crown = bounds.margin_lower_bounds(model, x, y, 0.05, method="crown")
+    worst = worst_sampled_margins(model, x, y, 0.05, samples=50)
+    assert (crown >= crown_ibp - TOL).all() and (crown > crown_ibp + 1e-4).any()
+    assert (crown <= worst + TOL).all()

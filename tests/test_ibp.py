@@ -32,9 +32,7 @@ def run_cfg(module=ibp, log_every=1000, **method):
 
 
 def ctx(step, spe=SPE, eps=EPS):
-    return StepContext(
-        epoch=step // spe, step=step, steps_per_epoch=spe, total_steps=100 * spe, norm="linf", eps=eps
-    )
+    return StepContext(epoch=step // spe, step=step, steps_per_epoch=spe, total_steps=100 * spe, norm="linf", eps=eps)
 
 
 def tiny_model(batch_norm=True, seed=0):
@@ -133,9 +131,7 @@ def test_setup_rejects_models_the_bounds_cannot_train():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     with pytest.raises(bounds.UnsupportedModel, match="Tanh"):
         ibp.build(run_cfg()).setup(model)
-    residual = nn.Sequential(
-        nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.ReLU())), nn.Linear(4, 2)
-    )
+    residual = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(4, 4), nn.ReLU())), nn.Linear(4, 2))
     ibp.build(run_cfg(ibp_init=False)).setup(residual)  # IBP bounds residual nets
     with pytest.raises(bounds.UnsupportedModel, match="Residual"):
         crown_ibp.build(run_cfg(crown_ibp)).setup(residual)
@@ -246,9 +242,7 @@ def eval_ctx(eps=EPS, **per_example):
 def robust_model():
     """A model with large margins around its inputs, so that something gets certified."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 5)
-    )
+    model = nn.Sequential(Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(36, 16), nn.ReLU(), nn.Linear(16, 5))
     return model.eval()
 
 
@@ -273,9 +267,7 @@ def test_certified_evaluator_reports_every_method_and_their_union():
 
 def test_certified_evaluator_reports_unsupported_methods():
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Flatten(), Residual(nn.Sequential(nn.Linear(36, 36), nn.ReLU())), nn.Linear(36, 5)
-    )
+    model = nn.Sequential(nn.Flatten(), Residual(nn.Sequential(nn.Linear(36, 36), nn.ReLU())), nn.Linear(36, 5))
     x, y = batch()
     result = certified.build({"name": "certified"}, None)(model.eval(), x, y, eval_ctx())
     assert "certified/ibp/acc" in result.metrics and "certified/crown/acc" not in result.metrics

@@ -25,15 +25,15 @@ def _env() -> dict:
 def _assert_four_complete_runs(sweep_dir: Path) -> None:
     runs = sorted(p.parent for p in sweep_dir.glob("*/results.json"))
     assert [r.name for r in runs] == [
-        "+method=at,seed=0,train.epochs=1", "+method=at,seed=1,train.epochs=1",
-        "+method=erm,seed=0,train.epochs=1", "+method=erm,seed=1,train.epochs=1",
+        "method-at+seed-0+train.epochs-1", "method-at+seed-1+train.epochs-1",
+        "method-erm+seed-0+train.epochs-1", "method-erm+seed-1+train.epochs-1",
     ]
     for run_dir in runs:
         assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
         results = json.loads((run_dir / "results.json").read_text())
-        method, seed = run_dir.name.split(",")[:2]
-        assert results["run"]["method"] == method.split("=")[1]
-        assert results["run"]["seed"] == int(seed.split("=")[1])
+        method, seed = run_dir.name.split("+")[:2]
+        assert results["run"]["method"] == method.split("-")[1]
+        assert results["run"]["seed"] == int(seed.split("-")[1])
         assert results["train"]["steps"] > 0
         assert (run_dir / "checkpoints" / "last.pt").exists()
 
@@ -77,7 +77,7 @@ def test_submitit_job_stopped_by_the_time_limit_signal_is_requeued_and_resumes(t
         cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        run_dir = sweep_dir / "+method=at,train.epochs=3"
+        run_dir = sweep_dir / "method-at+train.epochs-3"
         deadline = time.monotonic() + 240
         while "step 2 " not in _read(run_dir / "train.log"):
             assert sweep.poll() is None and time.monotonic() < deadline, _read(run_dir / "train.log")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.bounds.graph import CHANNEL_AFFINE, POOLING, channel_affine, channel_view, check_supported
+from runner.bounds.graph import CHANNEL_AFFINE, LINEAR, POOLING, channel_affine, channel_view, check_supported
 from runner.bounds.ibp import input_box, interval_step, margin_spec
 
 # Rows of an identity specification bounded at once when refining intermediate bounds (memory cap).
@@ -185,16 +185,20 @@ def crown_margin_bounds(
             probe, _ = interval_step(layer, probe, torch.zeros_like(probe), bn_stats)
             in_shapes.append(probe.shape[1:])
     walk = Walk(layers, in_shapes, box, bn_stats, dense_convolutions(layers, in_shapes))
-    relus_before = 0
+    # IBP is exact through per-channel affine maps around at most one mixing (Linear, Conv, pooling)
+    # layer: only intervals after a ReLU or a second mixing layer are worth a CROWN pass.
+    mixing_layers, interval_exact = 0, True
     for index, layer in enumerate(layers[:-1]):
         if isinstance(layer, nn.ReLU):
             lower, upper = centre - radius, centre + radius
-            # Before the first ReLU the network is affine and the interval is already exact.
-            if intermediate == "crown" and relus_before:
+            if intermediate == "crown" and not interval_exact:
                 lower, upper = _refine(walk, index, lower, upper)
                 centre, radius = (upper + lower) / 2, (upper - lower) / 2
             walk.relu_bounds[index] = (lower, upper)
-            relus_before += 1
+            interval_exact = False
+        elif isinstance(layer, (*LINEAR, *POOLING)):
+            mixing_layers += 1
+            interval_exact = interval_exact and mixing_layers == 1
         centre, radius = interval_step(layer, centre, radius, bn_stats)
     spec = margin_spec(y, layers[-1].out_features, layers[-1].weight.dtype)
     bounds = backward_lower_bound(walk, len(layers), spec)

@@ -25,9 +25,7 @@ from runner.layers import Residual
 def input_box(x: torch.Tensor, eps: float, norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor]:
     """The L∞ box [max(x-eps, 0), min(x+eps, 1)] as (centre, radius)."""
     if norm != "linf":
-        raise NotImplementedError(
-            f"threat.norm={norm!r}: interval bounds and CROWN here certify linf balls only"
-        )
+        raise NotImplementedError(f"threat.norm={norm!r}: interval bounds and CROWN here certify linf balls only")
     if eps < 0:
         raise ValueError(f"threat.eps must be >= 0, got {eps}")
     lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)

@@ -58,8 +58,10 @@ class Certified(Evaluator):
         if method == "crown" and limit is not None:
             widest = widest_relu_layer(model, x)
             if widest > limit:
-                return (f"crown: a ReLU layer has {widest} neurons, over crown_max_neurons={limit} "
-                        "(full CROWN bounds every one of them)")
+                return (
+                    f"crown: a ReLU layer has {widest} neurons, over crown_max_neurons={limit} "
+                    "(full CROWN bounds every one of them)"
+                )
         return ""
 
     def batch_size(self, method: str, ctx) -> int:
@@ -87,8 +89,9 @@ class Certified(Evaluator):
             reason = self.unsupported_reason(model, method, x)
             if reason:
                 unsupported[method] = reason
-                result.checks.append({"name": f"certified/{method} applicable", "passed": True,
-                                      "detail": f"not run: {reason}"})
+                result.checks.append(
+                    {"name": f"certified/{method} applicable", "passed": True, "detail": f"not run: {reason}"}
+                )
                 continue
             start = time.perf_counter()
             batch_size = self.batch_size(method, ctx)
@@ -96,8 +99,12 @@ class Certified(Evaluator):
             key = f"certified/{method}/acc"
             result.metrics[key] = mask.float().mean().item()
             result.settings[key] = {
-                "verifier": method, "norm": ctx.norm, "eps": ctx.eps, "eps_255": round(ctx.eps * 255, 3),
-                "n_examples": len(y), "batch_size": batch_size,
+                "verifier": method,
+                "norm": ctx.norm,
+                "eps": ctx.eps,
+                "eps_255": round(ctx.eps * 255, 3),
+                "n_examples": len(y),
+                "batch_size": batch_size,
                 "time_s": round(time.perf_counter() - start, 3),
             }
             result.per_example[f"certified_{method}"] = mask.cpu()
@@ -106,8 +113,13 @@ class Certified(Evaluator):
         if ran:
             result.metrics["certified/acc"] = union.float().mean().item()
             result.settings["certified/acc"] = {
-                "verifier": "union", "methods": ran, "unsupported": unsupported, "norm": ctx.norm,
-                "eps": ctx.eps, "eps_255": round(ctx.eps * 255, 3), "n_examples": len(y),
+                "verifier": "union",
+                "methods": ran,
+                "unsupported": unsupported,
+                "norm": ctx.norm,
+                "eps": ctx.eps,
+                "eps_255": round(ctx.eps * 255, 3),
+                "n_examples": len(y),
                 "time_s": round(sum(result.settings[f"certified/{m}/acc"]["time_s"] for m in ran), 3),
             }
             result.per_example["certified"] = union.cpu()
@@ -125,8 +137,11 @@ class Certified(Evaluator):
             step = ctx.batch_size
             correct = torch.cat([model(x[i : i + step]).argmax(1) for i in range(0, len(y), step)]) == y
         bad = int((union & ~correct).sum())
-        return {"name": "certified <= clean per point", "passed": bad == 0,
-                "detail": f"{bad} certified points are misclassified"}
+        return {
+            "name": "certified <= clean per point",
+            "passed": bad == 0,
+            "detail": f"{bad} certified points are misclassified",
+        }
 
     @torch.no_grad()
     def add_tightness(self, model, x, y, ctx, result) -> None:
@@ -139,7 +154,8 @@ class Certified(Evaluator):
         result.metrics["certified/tightness"] = torch.cat(values).mean().item()
         result.settings["certified/tightness"] = {
             "metric": "Mao et al. 2024: exact / IBP box radius of the network linearised at x",
-            "n_examples": len(y), "time_s": round(time.perf_counter() - start, 3),
+            "n_examples": len(y),
+            "time_s": round(time.perf_counter() - start, 3),
         }
 
 
