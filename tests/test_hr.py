@@ -239,3 +239,24 @@ def test_keys_and_presets_compose():
         assert mnist.dataset.label_noise == 0.25
         with pytest.raises(ValueError, match="method.alpha"):
             hr.build(compose("train", overrides=["+method=hr", "method.alpha=1.5"]))
+
+
+def test_cpu_smoke_run_and_alpha_r_zero_run_equals_at(compose_cfg, tmp_path):
+    import json
+
+    from runner import checkpoint
+    from runner.train import run
+
+    fast = ("method.attack.steps=2", "train.epochs=1", "train.log_every=5", "train.progress=plain", "eval=none")
+    results = run(compose_cfg("+method=hr", "method.alpha=0.05", "method.r=0.1", *fast), tmp_path / "hr")
+    assert results["run"]["method"] == "hr"
+    rows = [json.loads(line) for line in (tmp_path / "hr" / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "hr/max_weight" in row]
+    assert logged and all(1 / 64 < row["hr/max_weight"] <= 1 for row in logged)
+    assert all(0 < row["hr/weight_entropy"] < math.log(64) for row in logged)
+
+    run(compose_cfg("+method=hr", "method.alpha=0", "method.r=0", *fast), tmp_path / "hr0")
+    run(compose_cfg("+method=at", *fast), tmp_path / "at")
+    hr0 = checkpoint.load(tmp_path / "hr0" / "checkpoints" / "last.pt")["model"]
+    at_ = checkpoint.load(tmp_path / "at" / "checkpoints" / "last.pt")["model"]
+    assert hr0.keys() == at_.keys() and all(torch.equal(hr0[k], at_[k]) for k in hr0)

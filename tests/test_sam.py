@@ -230,3 +230,21 @@ def test_sam_method_requires_sam():
 
     with pytest.raises(ValueError, match="method.sam"):
         sam.build(OmegaConf.create({"method": {"name": "sam", "sam": False, "rho": None, "adaptive": False}}))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [("+method=sam",), ("+method=trades", "method.sam=true", "method.attack.steps=2", "dataset.label_noise=0.3")],
+)
+def test_cpu_smoke_run(compose_cfg, tmp_path, overrides):
+    import json
+
+    from runner.train import run
+
+    fast = ("train.epochs=2", "train.log_every=5", "train.progress=plain", "eval.n_examples=100")
+    results = run(compose_cfg(*overrides, *fast), tmp_path)
+    assert 0 <= results["metrics"]["pgd/acc"] <= results["metrics"]["clean/acc"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("sam/loss_perturbed" in row for row in rows)
+    noise = results["run"]["label_noise"]
+    assert noise["fraction"] == (0.3 if "dataset.label_noise=0.3" in overrides else 0.0)

@@ -26,9 +26,7 @@ def batch(n=16, seed=1):
 
 def method(beta=BETA, **attack):
     attack = {"steps": STEPS, "alpha": STEP} | attack
-    cfg = OmegaConf.create(
-        {"method": OmegaConf.structured(trades.Config(beta=beta, attack=AttackConfig(**attack)))}
-    )
+    cfg = OmegaConf.create({"method": OmegaConf.structured(trades.Config(beta=beta, attack=AttackConfig(**attack)))})
     return trades.build(cfg)
 
 
@@ -122,9 +120,7 @@ def test_l2_threat_stays_in_the_ball():
     assert (x_adv - x).flatten(1).norm(dim=1).max() <= 0.5 + 1e-5
 
 
-@pytest.mark.parametrize(
-    "bad, key", [({"beta": -1.0}, "method.beta"), ({"random_start": False}, "random_start")]
-)
+@pytest.mark.parametrize("bad, key", [({"beta": -1.0}, "method.beta"), ({"random_start": False}, "random_start")])
 def test_bad_config_names_the_key(bad, key):
     beta = bad.pop("beta", BETA)
     with pytest.raises(ValueError, match=key):
@@ -146,3 +142,23 @@ def test_keys_and_presets_compose():
         mnist = compose("train", overrides=["experiment=mnist_trades"])
         assert (mnist.threat.eps, mnist.method.beta, mnist.method.attack.steps) == (0.3, 1.0, 40)
         assert (mnist.method.attack.alpha, mnist.optimizer.lr, mnist.train.epochs) == (0.01, 0.01, 100)
+
+
+def test_cpu_smoke_run(compose_cfg, tmp_path):
+    import json
+
+    from runner.train import run
+
+    cfg = compose_cfg(
+        "+method=trades",
+        "method.attack.steps=2",
+        "train.epochs=2",
+        "train.log_every=5",
+        "train.progress=plain",
+        "eval.n_examples=100",
+    )
+    results = run(cfg, tmp_path)
+    assert results["run"]["method"] == "trades"
+    assert 0 <= results["metrics"]["pgd/acc"] <= results["metrics"]["clean/acc"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss_robust" in row for row in rows) and any("val/pgd_acc" in row for row in rows)
