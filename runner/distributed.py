@@ -74,8 +74,12 @@ def setup(device: torch.device) -> tuple[Processes, torch.device]:
     return procs, device
 
 
-def teardown(procs: Processes) -> None:
+def teardown(procs: Processes, finished: bool = True) -> None:
+    """Leave the process group. After a normal finish every rank waits for the others first: a rank that
+    destroys its gloo group while rank 0 is still evaluating aborts the whole job (SIGABRT)."""
     if procs.enabled and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -291,7 +291,7 @@ def run(cfg, run_dir: Path) -> dict:
         tracker.finish(exit_code)
         if run_lock is not None:
             run_lock.close()
-        distributed.teardown(procs)
+        distributed.teardown(procs, finished=exit_code == 0)
         if exit_code:  # a SLURM job stopped before its time limit (SIGUSR1): submitit requeues it
             distributed.requeue_if_submitit(stop.signum)
 
