@@ -17,17 +17,9 @@ import math
 import sys
 from pathlib import Path
 
-# The contract's metrics, in this order, when present in any run.
-CONTRACT = [
-    "clean/acc",
-    "pgd/acc",
-    "autoattack/acc",
-    "certified/ibp/acc",
-    "certified/crown/acc",
-    "corruption/mean_acc",
-    "calibration/ece",
-    "class/worst_acc",
-]
+from runner.report import CONTRACT
+
+# The contract's metrics first, in the report's order, when present in any run.
 ROBUST_PREFERENCE = ["autoattack/acc", "pgd/acc", "certified/acc", "certified/ibp/acc"]
 LABEL_FIELDS = ["dataset", "model", "threat", "label_noise"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from runner.attacks import NORMS, model_mode
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 from runner.evaluators.pgd import eps_list, positive_int, requested_eps, spec_error, threat_key
 from runner.tracking import log
 
@@ -308,11 +308,7 @@ class AutoAttackEvaluator(Evaluator):
 
     def __init__(self, spec: dict, cfg):
         super().__init__(spec, cfg)
-        unknown = set(spec) - KEYS
-        if unknown:
-            raise ValueError(
-                f"eval.evaluators: autoattack got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
-            )
+        check_keys(spec, KEYS, "autoattack")
         self.version = spec.get("version", "standard")
         if self.version not in VERSIONS:
             raise spec_error("autoattack", "version", f"must be one of {VERSIONS}, got {self.version!r}")

@@ -42,3 +42,11 @@ class Evaluator:
 
     def __call__(self, model, x, y, ctx: EvalContext) -> EvalResult:
         raise NotImplementedError
+
+
+def check_keys(spec: dict, allowed, evaluator: str) -> None:
+    """A suite entry with a key its evaluator does not read is a typo: fail before anything runs."""
+    allowed = set(allowed) | {"name"}
+    unknown = set(spec) - allowed
+    if unknown:
+        raise ValueError(f"eval.evaluators: {evaluator} got unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from runner.attacks import default_alpha, model_mode
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 from runner.evaluators.pgd import pgd_correct, positive_int, spec_error
 
 KEYS = {"name", "bins", "steps", "adversarial", "bootstrap"}
@@ -125,11 +125,7 @@ class Calibration(Evaluator):
 
     def __init__(self, spec: dict, cfg):
         super().__init__(spec, cfg)
-        unknown = set(spec) - KEYS
-        if unknown:
-            raise ValueError(
-                f"eval.evaluators: calibration got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
-            )
+        check_keys(spec, KEYS, "calibration")
         self.bins = positive_int(spec, "calibration", "bins", 15)
         self.steps = positive_int(spec, "calibration", "steps", 20)
         self.adversarial = spec.get("adversarial", True)

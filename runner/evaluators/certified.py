@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from runner import bounds
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 
 METHODS = bounds.METHODS
 KEYS = {"name", "methods", "batch_size", "crown_batch_size", "crown_max_neurons", "tightness"}
@@ -160,7 +160,5 @@ class Certified(Evaluator):
 
 
 def build(spec, cfg):
-    unknown = set(spec) - KEYS
-    if unknown:
-        raise ValueError(f"eval.evaluators: certified: unknown keys {sorted(unknown)}; known: {sorted(KEYS)}")
+    check_keys(spec, KEYS, "certified")
     return Certified(spec, cfg)

@@ -3,7 +3,7 @@
 import time
 
 from runner.attacks import predict
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 
 
 class Clean(Evaluator):
@@ -17,9 +17,7 @@ class Clean(Evaluator):
         return EvalResult({"clean/acc": acc}, {"clean/acc": settings}, per_example={"clean": correct.cpu()})
 
 def build(spec, cfg):
-    unknown = set(spec) - {"name"}
-    if unknown:
-        raise ValueError(f"eval.evaluators: clean takes no keys, got {sorted(unknown)}")
+    check_keys(spec, (), "clean")
     return Clean(spec, cfg)
 
 __all__ = ["Clean", "build"]

@@ -16,7 +16,7 @@ import torch
 
 from runner.attacks import model_mode, predict
 from runner.corruptions import CORRUPTIONS, SEVERITIES, corrupt, single_thread_if_small, working_factor
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 
 KEYS = {"name", "severities", "corruptions", "seed", "baseline", "n_examples"}
 # Model inputs below this many values per chunk are classified on one CPU thread: for 8×8 digits the
@@ -51,11 +51,7 @@ class Corruptions(Evaluator):
 
     def __init__(self, spec: dict, cfg):
         super().__init__(spec, cfg)
-        unknown = set(spec) - KEYS
-        if unknown:
-            raise ValueError(
-                f"eval.evaluators: corruptions got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
-            )
+        check_keys(spec, KEYS, "corruptions")
         self.severities = _as_list(spec, "severities", SEVERITIES)
         for severity in self.severities:
             if isinstance(severity, bool) or severity not in SEVERITIES:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from runner.attacks import predict
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 from runner.evaluators.pgd import pgd_correct, positive_int, spec_error
 
 KEYS = {"name", "robust_from", "steps"}
@@ -29,11 +29,7 @@ class PerClass(Evaluator):
 
     def __init__(self, spec: dict, cfg):
         super().__init__(spec, cfg)
-        unknown = set(spec) - KEYS
-        if unknown:
-            raise ValueError(
-                f"eval.evaluators: per_class got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
-            )
+        check_keys(spec, KEYS, "per_class")
         robust_from = spec.get("robust_from", list(DEFAULT_ROBUST_FROM))
         self.robust_from = [robust_from] if isinstance(robust_from, str) else list(robust_from)
         if not self.robust_from or not all(isinstance(name, str) for name in self.robust_from):

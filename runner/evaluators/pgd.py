@@ -15,7 +15,7 @@ import time
 import torch
 
 from runner.attacks import NORMS, default_alpha, model_mode, pgd, predict
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 
 KEYS = {"name", "steps", "restarts", "alpha", "eps", "eps_factors", "norm", "loss"}
 LOSSES = ("ce", "margin")
@@ -136,11 +136,7 @@ class PGD(Evaluator):
 
     def __init__(self, spec: dict, cfg):
         super().__init__(spec, cfg)
-        unknown = set(spec) - KEYS
-        if unknown:
-            raise ValueError(
-                f"eval.evaluators: pgd got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
-            )
+        check_keys(spec, KEYS, "pgd")
         self.steps = positive_int(spec, "pgd", "steps", 50)
         self.restarts = positive_int(spec, "pgd", "restarts", 1)
         self.alpha = spec.get("alpha")

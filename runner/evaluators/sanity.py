@@ -25,7 +25,7 @@ import time
 import torch
 
 from runner.attacks import model_mode, predict
-from runner.evaluators.base import EvalResult, Evaluator
+from runner.evaluators.base import EvalResult, Evaluator, check_keys
 from runner.evaluators.pgd import margin_loss, parse_eps, pgd_correct, positive_int, spec_error
 from runner.tracking import log
 
@@ -246,11 +246,7 @@ class Sanity(Evaluator):
 
     def __init__(self, spec: dict, cfg):
         super().__init__(spec, cfg)
-        unknown = set(spec) - KEYS
-        if unknown:
-            raise ValueError(
-                f"eval.evaluators: sanity got unknown keys {sorted(unknown)}; allowed: {sorted(KEYS)}"
-            )
+        check_keys(spec, KEYS, "sanity")
         self.n_examples = positive_int(spec, "sanity", "n_examples", 200)
         self.steps = positive_int(spec, "sanity", "steps", 50)
         self.weak_steps = positive_int(spec, "sanity", "weak_steps", 10)
