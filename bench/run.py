@@ -126,19 +126,19 @@ def build_step(
     model_name = (
         workload.get("ibp_model", workload["model"]) if "+method=ibp" in overrides else workload["model"]
     )
-    cfg = compose(
-        [
-            "dataset=synthetic",
-            f"dataset.channels={channels}",
-            f"dataset.image_size={size}",
-            f"model={model_name}",
-            f"train.batch_size={workload['batch']}",
-            f"threat.eps={workload['eps']}",
-            f"train.precision={precision}",
-            f"train.channels_last={channels_last}",
-            *overrides,
-        ]
-    )
+    base = [
+        "dataset=synthetic",
+        f"dataset.channels={channels}",
+        f"dataset.image_size={size}",
+        f"model={model_name}",
+        f"train.batch_size={workload['batch']}",
+        f"threat.eps={workload['eps']}",
+        f"train.precision={precision}",
+        f"train.channels_last={channels_last}",
+    ]
+    # A method's YAML may also switch the model options or the optimizer (IBP: BatchNorm and Adam); the
+    # step ratios compare methods on one network and one optimizer, so both are pinned to the ERM step's.
+    cfg = compose([*base, *overrides, *_pinned_as_erm(compose(base))] if overrides else base)
     torch.manual_seed(0)
     model = build_model(cfg.model, dataset_info(cfg.dataset)).to(device)
     if channels_last:
@@ -160,6 +160,22 @@ def build_step(
         update(step_model, method, x, y, ctx)
 
     return one_step
+
+
+def _override_value(value) -> str:
+    return json.dumps(value) if isinstance(value, (list, tuple, str, bool)) or value is None else repr(value)
+
+
+def _pinned_as_erm(erm_cfg) -> list[str]:
+    """Overrides that give a method's config the ERM config's model options and optimizer."""
+    from omegaconf import OmegaConf
+
+    pins = [f"optimizer={erm_cfg.optimizer.name}"]
+    for group in ("model", "optimizer"):
+        for key, value in OmegaConf.to_container(erm_cfg[group], resolve=True).items():
+            if key != "name":
+                pins.append(f"{group}.{key}={_override_value(value).replace(' ', '')}")
+    return pins
 
 
 # The clock of in-process step timings: with one torch thread on a CPU all the work is this process's,

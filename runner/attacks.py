@@ -113,8 +113,12 @@ def pgd(
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str):
     """Temporarily put the model in "train" or "eval" mode (BN behaviour during attack generation)."""
+    training = mode == "train"
+    if model.training == training and all(module.training == training for module in model.modules()):
+        yield model  # already there: nothing to switch, nothing to restore (the common case in evaluation)
+        return
     was_training = model.training
-    model.train(mode == "train")
+    model.train(training)
     try:
         yield model
     finally:

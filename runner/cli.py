@@ -7,6 +7,10 @@ option, unknown key, wrong type) and the run's (missing dataset, bad checkpoint,
 reformatted by `runner.errors.describe`; a failure that is not the user's (a bug) keeps its traceback.
 HYDRA_FULL_ERROR=1 keeps Hydra's full tracebacks for everything.
 
+A plain `robust-train --help` (nothing else on the line) is answered from the configs directory without
+importing torch or Hydra: the groups and their options, the common keys, examples. With overrides
+(`robust-train +method=at --help`) it is Hydra's help, which composes the config and prints it.
+
 Exit status: 0 done, 1 an error, 128+N stopped by signal N after a checkpoint (143 SIGTERM, 138 SIGUSR1:
 a SLURM script can requeue on those), 130 Ctrl-C.
 """
@@ -16,12 +20,12 @@ import hashlib
 import os
 import re
 import sys
+import textwrap
 import traceback
+from pathlib import Path
 
-import hydra
-from omegaconf import OmegaConf
-
-from runner.config import register_configs
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+COMMANDS = {"robust-train": "train", "robust-eval": "eval"}
 
 
 def run_name(override_dirname: str) -> str:
@@ -37,9 +41,128 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
-if not OmegaConf.has_resolver("rt_run_name"):
-    OmegaConf.register_new_resolver("rt_run_name", run_name)
-register_configs()
+def _plain_help(argv: list[str]) -> str | None:
+    """The command when argv is exactly `robust-train --help` (or robust-eval, or -h), else None."""
+    command = os.path.basename(argv[0]) if argv else ""
+    return command if command in COMMANDS and argv[1:] in (["--help"], ["-h"]) else None
+
+
+def _register() -> None:
+    """The run-name resolver and every schema (Hydra's ConfigStore): what composing a config needs."""
+    from omegaconf import OmegaConf
+
+    from runner.config import register_configs
+
+    if not OmegaConf.has_resolver("rt_run_name"):
+        OmegaConf.register_new_resolver("rt_run_name", run_name)
+    register_configs()
+
+
+# Importing this module registers them (tests compose through Hydra after `import runner.cli`), except
+# for a plain `--help`, which is answered from the configs directory alone (`_help_text`): no torch,
+# no Hydra, no composition.
+if _plain_help(sys.argv) is None:
+    _register()
+
+
+# ---- the fast --help ---------------------------------------------------------------------------------
+
+# Groups a checkpoint's evaluation takes from the checkpoint (training only).
+EVAL_SKIPS = ("method", "experiment", "optimizer", "scheduler")
+GROUP_NOTES = {
+    "method": "none given: plain ERM; pick one with +method=NAME",
+    "experiment": "presets of the papers' recipes, experiment=NAME",
+    "hydra/launcher": "sweep launchers for -m, besides Hydra's basic, joblib and submitit_*",
+}
+
+EXAMPLES = {
+    "robust-train": [
+        ("robust-train", "ERM on digits (offline), evaluated with the quick suite"),
+        ("robust-train +method=at", "PGD adversarial training"),
+        ("robust-train +method=trades method.beta=6", "TRADES"),
+        ("robust-train +method=ibp", "IBP certified training (its recipe), then certificates"),
+        ("robust-train experiment=cifar10_at", "a preset"),
+        ("robust-train threat.norm=l2 threat.eps=0.5", "the threat model, eps in [0,1] pixel units"),
+        ("robust-train -m +method=erm,at seed=0,1 hydra/launcher=joblib", "a local parallel sweep"),
+        ("robust-train +method=at --cfg job", "print the composed config and exit"),
+        ("robust-train +method=at --help", "Hydra's help: the groups and the composed config"),
+    ],
+    "robust-eval": [
+        ("robust-eval ckpt=outputs/runs/method-at", "the quick suite on a run's checkpoint"),
+        ("robust-eval ckpt=outputs/runs/method-at eval=full", "any suite on any checkpoint"),
+        ("robust-eval ckpt=model.pt eval=certified threat.eps=0.05", "other settings"),
+        ("robust-eval ckpt=outputs/runs/method-at --cfg job", "print the composed config and exit"),
+    ],
+}
+
+SUMMARY = {
+    "robust-train": "compose the config, train, evaluate with the selected suite, write the run directory\n"
+    "(.hydra/, train.log, metrics.jsonl, checkpoints/last.pt, results.json, status.json).",
+    "robust-eval": "evaluate an existing checkpoint with any suite; results.json lands in a new run "
+    "directory.\nThe model, dataset and threat come from the checkpoint unless overridden.",
+}
+
+
+def _config_defaults(config_name: str) -> dict[str, str]:
+    """{group: default option} from the primary config's defaults list (`  - group: option` lines)."""
+    defaults, in_list = {}, False
+    for line in (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines():
+        if line.startswith("defaults:"):
+            in_list = True
+            continue
+        if in_list and not line.startswith((" ", "-")):
+            break
+        match = re.match(r"\s*-\s*([A-Za-z_][\w/]*)\s*:\s*(\S+)", line)
+        if in_list and match:
+            defaults[match[1]] = match[2]
+    return defaults
+
+
+def _options(group: Path) -> list[str]:
+    return sorted(path.stem for path in group.glob("*.yaml"))
+
+
+def _help_text(command: str) -> str:
+    """Usage, the config groups with their options (default marked), the keys most runs set, examples."""
+    config_name = COMMANDS[command]
+    defaults = _config_defaults(config_name)
+    groups = {p.name: _options(p) for p in sorted(CONFIG_DIR.iterdir()) if p.is_dir() and _options(p)}
+    groups.update({f"hydra/{p.name}": _options(p) for p in sorted((CONFIG_DIR / "hydra").glob("*"))})
+    groups.pop("hydra", None)
+    for name in EVAL_SKIPS if command == "robust-eval" else ():
+        groups.pop(name, None)
+    usage = "ckpt=<run dir or .pt> [group=option ...] [key=value ...]" if command == "robust-eval" else (
+        "[group=option ...] [+method=NAME] [key=value ...]"
+    )
+    lines = [
+        f"{command}: {SUMMARY[command]}",
+        "",
+        f"Usage: {command} {usage}",
+        f"       {command} -m key=a,b ...   (a Hydra multirun sweep, one job per combination)",
+        "",
+        "Config groups (group=option; * marks the default):",
+    ]
+    width = max(len(name) for name in groups) + 2
+    for name, options in groups.items():
+        listed = [f"{o}*" if defaults.get(name) == o else o for o in options]
+        if name in GROUP_NOTES:
+            listed[-1] += f"  ({GROUP_NOTES[name]})"
+        wrapped = textwrap.wrap(", ".join(listed), 110 - width - 2, break_on_hyphens=False)
+        lines.append(f"  {name:<{width}}{wrapped[0]}")
+        lines += [" " * (width + 2) + more for more in wrapped[1:]]
+    lines += [
+        "",
+        "Keys (key=value): seed, deterministic, device=auto|cpu|cuda, resume=auto|never, threat.norm=linf|l2,",
+        "  threat.eps (pixel units), train.epochs, train.batch_size, train.precision=fp32|bf16,",
+        "  dataset.data_dir, dataset.label_noise, eval.n_examples, method.<key> of the chosen method.",
+        f"  `{command} --cfg job` prints every key of the composed config.",
+        "",
+        "Examples:",
+    ]
+    width = max(len(example) for example, _ in EXAMPLES[command]) + 3
+    lines += [f"  {example:<{width}}# {what}" for example, what in EXAMPLES[command]]
+    lines += ["", "Hydra's own options (--cfg, --resolve, --multirun, --info, ...): --hydra-help", ""]
+    return "\n".join(lines)
 
 
 def _output_dir():
@@ -60,8 +183,7 @@ def _single_run_task() -> bool:
     return _report_in_task and HydraConfig.get().mode == RunMode.RUN
 
 
-@hydra.main(config_path="pkg://runner.configs", config_name="train", version_base="1.3")
-def _train_task(cfg) -> None:
+def _train(cfg) -> None:
     from runner.train import run
 
     try:
@@ -72,8 +194,7 @@ def _train_task(cfg) -> None:
         raise  # a sweep job: Hydra records it and says which job failed
 
 
-@hydra.main(config_path="pkg://runner.configs", config_name="eval", version_base="1.3")
-def _eval_task(cfg) -> None:
+def _eval(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from runner.reevaluate import reevaluate
@@ -84,6 +205,21 @@ def _eval_task(cfg) -> None:
         if _single_run_task():
             _exit_for(err, "robust-eval")
         raise
+
+
+def _hydra_task(function, config_name: str):
+    """`function` as a Hydra application (Hydra imported only when a command composes a config)."""
+    import hydra
+
+    return hydra.main(config_path="pkg://runner.configs", config_name=config_name, version_base="1.3")(function)
+
+
+def _train_task() -> None:
+    _hydra_task(_train, "train")()
+
+
+def _eval_task() -> None:
+    _hydra_task(_eval, "eval")()
 
 
 def train_main() -> None:
@@ -147,6 +283,9 @@ def _exit_for(err: BaseException, command: str) -> None:
 
 def _main(task, command: str, config_name: str) -> None:
     global _report_in_task
+    if _plain_help([command, *sys.argv[1:]]):
+        print(_help_text(command))
+        return
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         task()  # the user asked for full tracebacks: Hydra re-raises, Python prints them
         return

@@ -27,6 +27,9 @@ class DatasetConfig:
     data_dir: str = "${oc.env:ROBUST_TRAIN_DATA,data}"
     download: bool = True  # tried only when the files are missing; offline it fails with a clear message
     eps: float = 0.1  # the dataset's customary threat.eps
+    # This dataset's recipe for the methods' defaults (the method YAMLs read them; `method.*=` overrides):
+    train_eps_factor: float = 1.0  # AT/HR/TRADES training-attack radius / threat.eps (method.attack.eps_factor)
+    trades_beta: float = 6.0  # TRADES beta (method.beta): the reference uses 6 on CIFAR-10, 1 on MNIST
     val_size: int = 0  # held-out validation images cut from the training set (model selection)
     test_size: int = 0  # only for datasets without an official test split (digits, synthetic)
     augment: str = "none"  # none | crop_flip | crop
@@ -68,6 +71,7 @@ class AttackConfig:
     restarts: int = 1
     random_start: bool = True
     bn_mode: str = "eval"  # BN mode while generating attacks: eval (TRADES, Madry) | train (Rice, fast AT)
+    eps_factor: float = 1.0  # the training attack's radius is eps_factor · threat.eps (validation: threat.eps)
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Optimizers and per-step learning-rate schedules, built from the `optimizer` and `scheduler` groups."""
 
 import math
+from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 
 
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -39,7 +41,10 @@ def lr_factor(cfg, step: int, total_steps: int, steps_per_epoch: int) -> float:
 
 
 def build_scheduler(cfg, optimizer, steps_per_epoch: int, total_steps: int):
-    lr_factor(cfg, 0, total_steps, steps_per_epoch)  # fail on a bad name now, not at the first step
+    # The schedule reads its settings at every step: from plain Python values, not the config's nodes
+    # (the same numbers; an OmegaConf lookup costs microseconds each).
+    plain = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
+    lr_factor(plain, 0, total_steps, steps_per_epoch)  # fail on a bad name now, not at the first step
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(cfg, step, total_steps, steps_per_epoch)
+        optimizer, lambda step: lr_factor(plain, step, total_steps, steps_per_epoch)
     )

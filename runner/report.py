@@ -110,7 +110,13 @@ def curve_points(metrics: dict, settings: dict) -> dict:
 
 
 def write_curve(run_dir: Path, metrics: dict, settings: dict, threat_eps: float | None) -> Path | None:
-    curves = curve_points(metrics, settings)
+    """robustness_curve.png when some attack or certificate was measured at two or more eps (a curve);
+    a single eps per metric is already in the report's table (and matplotlib costs ~0.5 s to load)."""
+    curves = {
+        norm: series
+        for norm, series in curve_points(metrics, settings).items()
+        if any(len({point[0] for point in points}) > 1 for points in series.values())
+    }
     if not curves:
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg

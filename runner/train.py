@@ -61,9 +61,12 @@ def run_summary(cfg) -> dict:
     }
 
 
-def model_checkpoint(cfg, model, extra: dict | None = None) -> dict:
-    """What load_model needs: the weights and the config that builds the architecture."""
-    return {"config": OmegaConf.to_container(cfg, resolve=True), "model": model.state_dict(), **(extra or {})}
+def model_checkpoint(cfg, model, extra: dict | None = None, config: dict | None = None) -> dict:
+    """What load_model needs: the weights and the config that builds the architecture (`config`: the
+    resolved container of `cfg` when the caller already has it, as the training loop does)."""
+    if config is None:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    return {"config": config, "model": model.state_dict(), **(extra or {})}
 
 
 def rng_state() -> dict:
@@ -138,8 +141,10 @@ def run(cfg, run_dir: Path) -> dict:
     for warning in resume_warnings:
         tracker.warning(str(warning.message))
     tracker.status("running")
+    # The resolved config, converted once: config.json, every checkpoint and results.json carry it.
+    config = OmegaConf.to_container(cfg, resolve=True)
     if procs.is_main:
-        write_json(run_dir / "config.json", OmegaConf.to_container(cfg, resolve=True))
+        write_json(run_dir / "config.json", config)
     stop = StopRequests()
     exit_code = 1
     try:
@@ -176,8 +181,7 @@ def run(cfg, run_dir: Path) -> dict:
             start_epoch, resume_batch = resume_state["epoch"], resume_state.get("batch", 0)
             step, skipped = resume_state["step"], resume_state.get("nonfinite_skipped", 0)
             best_score, train_time = resume_state["best_score"], resume_state["train_time_s"]
-            current = OmegaConf.to_container(cfg, resolve=True)
-            changed = config_differences(resume_state.get("config", {}), current)
+            changed = config_differences(resume_state.get("config", {}), config)
             if changed:
                 tracker.warning("resuming with a config that differs from the checkpoint's: "
                                 + "; ".join(changed))
@@ -196,13 +200,14 @@ def run(cfg, run_dir: Path) -> dict:
         def training_state(epoch: int, batch: int, elapsed: float) -> dict:
             """Everything a resume needs to continue bit for bit at (epoch, batch)."""
             return {
-                **model_checkpoint(cfg, model),
+                **model_checkpoint(cfg, model, config=config),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "update": update.state_dict(), "rng": rng_state(),
                 "epoch": epoch, "batch": batch, "step": step, "best_score": best_score,
                 "train_time_s": elapsed, "nonfinite_skipped": skipped, "logger_run_id": tracker.run_id,
             }
 
+        norm, eps = cfg.threat.norm, float(cfg.threat.eps)  # read once: config lookups are slow per step
         for epoch in range(start_epoch, epochs):
             skip = resume_batch if epoch == start_epoch else 0
             if skip:
@@ -216,8 +221,7 @@ def run(cfg, run_dir: Path) -> dict:
                 for batch, (x, y) in enumerate(loader):
                     if batch < skip:  # replayed, not trained: the loader's random draws stay in step
                         continue
-                    ctx = StepContext(epoch, step, steps_per_epoch, total_steps, cfg.threat.norm,
-                                      float(cfg.threat.eps))
+                    ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
                     logs = update(model_for_step, method, x, y, ctx)
                     if logs.get("nonfinite"):
                         skipped += 1
@@ -240,12 +244,13 @@ def run(cfg, run_dir: Path) -> dict:
                 epoch_metrics = {"epoch": epoch + 1, "epoch_time_s": time.perf_counter() - epoch_start}
                 if procs.is_main and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == epochs):
                     model.eval()
-                    val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, cfg.threat.norm,
-                                          float(cfg.threat.eps))
+                    val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
                     epoch_metrics.update(method.validate(model, x_val, y_val, val_ctx))
-                    if epoch_metrics["val/score"] > best_score:
+                    # Ties go to the later epoch: a small validation split ties often, and the later
+                    # checkpoint has trained longer at a lower learning rate.
+                    if epoch_metrics["val/score"] >= best_score:
                         best_score = epoch_metrics["val/score"]
-                        best = model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics})
+                        best = model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics}, config)
                         checkpoint.save(best, ckpt_dir / "best.pt")
                 if procs.is_main:
                     checkpoint.save(training_state(epoch + 1, 0, train_time), ckpt_dir / "last.pt",
@@ -272,7 +277,7 @@ def run(cfg, run_dir: Path) -> dict:
                       "processes": procs.world_size},
             **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir),
             "env": {**environment(device), **run_environment(cfg)},
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": config,
         }
         write_json(run_dir / "results.json", results)
         tracker.status("completed")

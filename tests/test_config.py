@@ -37,7 +37,7 @@ def test_every_experiment_composes(compose_cfg):
 def test_contract_groups_and_options_exist():
     required = {
         "dataset": {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "synthetic"},
-        "model": {"mlp", "cnn_small", "cnn_large", "cnn7", "preact_resnet18", "wrn_28_10", "wrn_34_10"},
+        "model": {"mlp", "cnn_small", "cnn_digits", "cnn_large", "cnn7", "preact_resnet18", "wrn_28_10", "wrn_34_10"},
         "method": {"erm", "at"},
         "eval": {"none", "quick"},
         "optimizer": {"sgd", "adam", "adamw"},

@@ -25,8 +25,22 @@ class UnsupportedModel(ValueError):
     """The bounds cannot handle this model (a layer type, a layer option, or a residual for CROWN)."""
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside DistributedDataParallel / DataParallel (`.module`) and torch.compile
+    (`._orig_mod`) wrappers, which share its parameters, so bounds run under torchrun and compile."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def flatten_layers(model: nn.Module) -> list[nn.Module]:
-    """Nested nn.Sequential stacks unrolled into one list; Residual blocks stay single entries."""
+    """Nested nn.Sequential stacks unrolled into one list (DDP and compile wrappers unwrapped first);
+    Residual blocks stay single entries."""
+    model = unwrap(model)
     if isinstance(model, nn.Sequential):
         return [leaf for child in model for leaf in flatten_layers(child)]
     return [model]

@@ -31,8 +31,8 @@ SMOOTH_POWER = 4.0
 @dataclass
 class Config(MethodConfig):
     name: str = "ibp"
-    warmup_epochs: float = 5.0  # epochs at eps = 0 (clean training) before the ramp
-    ramp_epochs: float = 50.0  # epochs over which eps_t grows from 0 to eps_train
+    warmup_epochs: float = 3.0  # epochs at eps = 0 (clean training) before the ramp (method/ibp.yaml)
+    ramp_epochs: float = 40.0  # epochs over which eps_t grows from 0 to eps_train
     ramp: str = "smooth"  # smooth (Gowal, CROWN-IBP, Shi) | linear
     eps_factor: float = 1.5  # eps_train = eps_factor · threat.eps (Gowal CIFAR, CROWN-IBP: 1.1; Shi: 1.0)
     kappa: str = "gowal"  # shi: clean CE while eps_t = 0, then robust only | gowal: kappa_start -> kappa_end

@@ -60,7 +60,7 @@ class TRADES(Method):
                 model,
                 x,
                 y,
-                eps=ctx.eps,
+                eps=a.eps_factor * ctx.eps,
                 norm=ctx.norm,
                 steps=a.steps,
                 alpha=a.alpha,

@@ -1,0 +1,116 @@
+"""The bounds see through DDP and torch.compile wrappers, and the hand-written interval-ReLU backward
+matches autograd's."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runner import bounds
+from runner.bounds.ibp import _IntervalReLU
+from runner.layers import Normalize
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        Normalize([0.4], [0.3]),
+        nn.Conv2d(1, 3, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(48, 8),
+        nn.ReLU(),
+        nn.Linear(8, 4),
+    )
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.rand(5, 1, 6, 6, generator=g), torch.randint(0, 4, (5,), generator=g)
+
+
+class CompiledLike(nn.Module):
+    """What torch.compile returns (an OptimizedModule): the network under `_orig_mod`."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self._orig_mod = inner
+
+    def forward(self, x):
+        return self._orig_mod(x)
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _same_bounds_as_bare(wrapped: nn.Module, bare: nn.Module) -> None:
+    x, y = _batch()
+    assert bounds.flatten_layers(wrapped) == bounds.flatten_layers(bare)
+    assert bounds.supports(wrapped, "ibp")[0]
+    expected = bounds.ibp_margin_bounds(bare, x, y, 0.05)
+    assert torch.equal(bounds.ibp_margin_bounds(wrapped, x, y, 0.05), expected)
+    crown = bounds.margin_lower_bounds(wrapped, x, y, 0.05, method="crown")
+    assert torch.equal(crown, bounds.margin_lower_bounds(bare, x, y, 0.05, method="crown"))
+    lower, upper = bounds.interval_bounds(wrapped, x, 0.05)
+    bare_lower, bare_upper = bounds.interval_bounds(bare, x, 0.05)
+    assert torch.equal(lower, bare_lower) and torch.equal(upper, bare_upper)
+
+
+def test_compile_wrapper_is_unwrapped():
+    net = _net().eval()
+    _same_bounds_as_bare(CompiledLike(net), net)
+
+
+def test_real_torch_compile_wrapper_is_unwrapped():
+    net = _net().eval()
+    compiled = torch.compile(net)  # wrapping only: nothing is compiled until it is called
+    assert bounds.flatten_layers(compiled) == bounds.flatten_layers(net)
+
+
+def test_ddp_wrapper_is_unwrapped(process_group):
+    net = _net().eval()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    _same_bounds_as_bare(ddp, net)
+    _same_bounds_as_bare(CompiledLike(ddp), net)
+
+
+def test_gradients_reach_the_wrapped_weights(process_group):
+    net = _net().train()
+    ddp = nn.parallel.DistributedDataParallel(net)
+    x, y = _batch()
+    bounds.robust_cross_entropy(bounds.ibp_margin_bounds(ddp, x, y, 0.05), y).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+def test_interval_relu_backward_matches_autograd():
+    g = torch.Generator().manual_seed(0)
+    centre = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g)
+    radius = torch.rand(4, 3, 5, 5, dtype=torch.float64, generator=g)
+    centre[0, 0, 0, :3] = torch.tensor([0.5, -0.5, 0.0])  # ends exactly at 0: the masks' ties
+    radius[0, 0, 0, :3] = torch.tensor([0.5, 0.5, 0.0])
+    grad_centre = torch.randn(centre.shape, dtype=torch.float64, generator=g)
+    grad_radius = torch.randn(centre.shape, dtype=torch.float64, generator=g)
+
+    def reference(c, r):
+        upper, lower = (c + r).relu(), (c - r).relu()
+        return upper + lower, upper - lower
+
+    results = []
+    for fn in (reference, _IntervalReLU.apply):
+        c, r = centre.clone().requires_grad_(), radius.clone().requires_grad_()
+        out_c, out_r = fn(c, r)
+        torch.autograd.backward([out_c, out_r], [grad_centre, grad_radius])
+        results.append((out_c.detach(), out_r.detach(), c.grad, r.grad))
+    for ours, expected in zip(results[1], results[0], strict=True):
+        assert torch.equal(ours, expected)
+    # Away from the kinks (random points hit none) the backward is the derivative.
+    c = torch.randn(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    r = torch.rand(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    assert torch.autograd.gradcheck(_IntervalReLU.apply, (c, r))
