@@ -69,6 +69,15 @@ def model_checkpoint(cfg, model, extra: dict | None = None, config: dict | None 
     return {"config": config, "model": model.state_dict(), **(extra or {})}
 
 
+def selection_key(val) -> list[float]:
+    """What best.pt maximises: the method's validation score, then clean validation accuracy (a small
+    validation split ties often on the score; the earlier epoch keeps a full tie). `val`: an epoch's
+    metrics, or a stored key (a bare float in checkpoints written before the tie-break)."""
+    if isinstance(val, dict):
+        return [float(val["val/score"]), float(val.get("val/clean_acc", val["val/score"]))]
+    return list(val) if isinstance(val, (list, tuple)) else [float(val), -1.0]
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -164,7 +173,7 @@ def run(cfg, run_dir: Path) -> dict:
         update = build_update(cfg, model, optimizer)
         x_val, y_val = to_float(splits.val[0]).to(device), splits.val[1].to(device)
 
-        start_epoch, resume_batch, step, best_score, skipped, train_time = 0, 0, 0, -1.0, 0, 0.0
+        start_epoch, resume_batch, step, best_score, skipped, train_time = 0, 0, 0, [-1.0, -1.0], 0, 0.0
         if resume_state is not None:
             try:
                 model.load_state_dict(resume_state["model"])
@@ -180,7 +189,7 @@ def run(cfg, run_dir: Path) -> dict:
             restore_rng(resume_state["rng"])
             start_epoch, resume_batch = resume_state["epoch"], resume_state.get("batch", 0)
             step, skipped = resume_state["step"], resume_state.get("nonfinite_skipped", 0)
-            best_score, train_time = resume_state["best_score"], resume_state["train_time_s"]
+            best_score, train_time = selection_key(resume_state["best_score"]), resume_state["train_time_s"]
             changed = config_differences(resume_state.get("config", {}), config)
             if changed:
                 tracker.warning("resuming with a config that differs from the checkpoint's: "
@@ -246,10 +255,9 @@ def run(cfg, run_dir: Path) -> dict:
                     model.eval()
                     val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
                     epoch_metrics.update(method.validate(model, x_val, y_val, val_ctx))
-                    # Ties go to the later epoch: a small validation split ties often, and the later
-                    # checkpoint has trained longer at a lower learning rate.
-                    if epoch_metrics["val/score"] >= best_score:
-                        best_score = epoch_metrics["val/score"]
+                    score = selection_key(epoch_metrics)
+                    if score > best_score:
+                        best_score = score
                         best = model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics}, config)
                         checkpoint.save(best, ckpt_dir / "best.pt")
                 if procs.is_main:

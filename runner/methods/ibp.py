@@ -34,7 +34,7 @@ class Config(MethodConfig):
     warmup_epochs: float = 3.0  # epochs at eps = 0 (clean training) before the ramp (method/ibp.yaml)
     ramp_epochs: float = 40.0  # epochs over which eps_t grows from 0 to eps_train
     ramp: str = "smooth"  # smooth (Gowal, CROWN-IBP, Shi) | linear
-    eps_factor: float = 1.5  # eps_train = eps_factor · threat.eps (Gowal CIFAR, CROWN-IBP: 1.1; Shi: 1.0)
+    eps_factor: float = 1.3  # eps_train = eps_factor · threat.eps (Gowal CIFAR, CROWN-IBP: 1.1; Shi: 1.0)
     kappa: str = "gowal"  # shi: clean CE while eps_t = 0, then robust only | gowal: kappa_start -> kappa_end
     kappa_start: float = 1.0
     kappa_end: float = 0.5
