@@ -89,9 +89,11 @@ def prepare(cfg, overrides: list[str]):
 
 
 def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
+    from runner.allocator import keep_freed_memory
     from runner.train import resolve_device, run_summary
     from runner.validation import check_writable_dir
 
+    keep_freed_memory()
     run_dir = Path(run_dir)
     path, state, cfg, model = prepare(cfg, overrides)
     check_writable_dir(run_dir, "hydra.run.dir")

@@ -285,6 +285,8 @@ def run_environment(cfg) -> dict:
 
     import torch
 
+    from runner.allocator import keep_freed_memory
+
     versions = {}
     for package in ("robust-train", "numpy", "hydra-core", "omegaconf", "torchvision", "scikit-learn"):
         try:
@@ -302,5 +304,5 @@ def run_environment(cfg) -> dict:
     return {
         "versions": versions, "platform": platform.platform(), "seed": cfg.seed,
         "deterministic": bool(cfg.deterministic), "torch_threads": torch.get_num_threads(),
-        "git_dirty": git_dirty, "command": sys.argv,
+        "git_dirty": git_dirty, "command": sys.argv, "malloc_keeps_freed_memory": keep_freed_memory(),
     }

@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from runner import checkpoint, distributed
+from runner.allocator import keep_freed_memory
 from runner.data import InMemoryLoader, load_splits, to_float
 from runner.errors import NonFiniteLoss, RunInterrupted
 from runner.evaluate import environment, evaluate
@@ -129,6 +130,7 @@ def load_resume_state(cfg, ckpt_dir: Path) -> dict | None:
 def run(cfg, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     check_run(cfg)  # bad values fail here, before anything is written
+    keep_freed_memory()  # CPU steps without page faults on fresh tensors (see runner/allocator.py)
     check_writable_dir(run_dir, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     # Several processes (torchrun, multi-task SLURM): one run directory, written by rank 0 only.
