@@ -104,18 +104,17 @@ SUMMARY = {
 
 
 def _config_defaults(config_name: str) -> dict[str, str]:
-    """{group: default option} from the primary config's defaults list (`  - group: option` lines)."""
-    defaults, in_list = {}, False
-    for line in (CONFIG_DIR / f"{config_name}.yaml").read_text().splitlines():
-        if line.startswith("defaults:"):
-            in_list = True
-            continue
-        if in_list and not line.startswith((" ", "-")):
-            break
-        match = re.match(r"\s*-\s*([A-Za-z_][\w/]*)\s*:\s*(\S+)", line)
-        if in_list and match:
-            defaults[match[1]] = match[2]
-    return defaults
+    """{group: default option} from the primary config's defaults list (its `group: option` entries)."""
+    import yaml
+
+    entries = yaml.safe_load((CONFIG_DIR / f"{config_name}.yaml").read_text())["defaults"]
+    return {
+        group: option
+        for entry in entries
+        if isinstance(entry, dict)
+        for group, option in entry.items()
+        if not group.startswith("override ")
+    }
 
 
 def _options(group: Path) -> list[str]:

@@ -30,16 +30,12 @@ from runner.bounds.graph import (
 from runner.layers import Residual
 
 
-def _check_box(eps: float, norm: str) -> None:
+def _scaled_box(x: torch.Tensor, eps: float, norm: str):
+    """The eps-box as a scaled interval (upper + lower, upper - lower, 2), formed with two fresh tensors."""
     if norm != "linf":
         raise NotImplementedError(f"threat.norm={norm!r}: interval bounds and CROWN here certify linf balls only")
     if eps < 0:
         raise ValueError(f"threat.eps must be >= 0, got {eps}")
-
-
-def _scaled_box(x: torch.Tensor, eps: float, norm: str):
-    """The eps-box as a scaled interval (upper + lower, upper - lower, 2), formed with two fresh tensors."""
-    _check_box(eps, norm)
     lower, upper = torch.sub(x, eps).clamp_(0.0, 1.0), torch.add(x, eps).clamp_(0.0, 1.0)
     return upper + lower, upper.sub_(lower), 2.0
 
@@ -60,9 +56,8 @@ def _affine_in_place(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: 
 
 def input_box(x: torch.Tensor, eps: float, norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor]:
     """The L∞ box [max(x-eps, 0), min(x+eps, 1)] as (centre, radius)."""
-    _check_box(eps, norm)
-    lower, upper = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
-    return (upper + lower) * 0.5, (upper - lower) * 0.5
+    doubled_centre, doubled_radius, _ = _scaled_box(x, eps, norm)
+    return doubled_centre.mul_(0.5), doubled_radius.mul_(0.5)
 
 
 def interval_step(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, bn_stats: dict | None):
