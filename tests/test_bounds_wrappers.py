@@ -9,6 +9,8 @@ import torch.distributed as dist
 from torch import nn
 
 from runner import bounds
+from runner.bounds import fused
+from runner.bounds import ibp as ibp_module
 from runner.bounds.ibp import _IntervalReLU
 from runner.layers import Normalize
 
@@ -89,14 +91,15 @@ def test_gradients_reach_the_wrapped_weights(process_group):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
 
 
-def test_interval_relu_backward_matches_autograd():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # float32 on a CPU: the fused loops
+def test_interval_relu_backward_matches_autograd(dtype):
     g = torch.Generator().manual_seed(0)
-    centre = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g)
-    radius = torch.rand(4, 3, 5, 5, dtype=torch.float64, generator=g)
+    centre = torch.randn(4, 3, 5, 5, dtype=dtype, generator=g)
+    radius = torch.rand(4, 3, 5, 5, dtype=dtype, generator=g)
     centre[0, 0, 0, :3] = torch.tensor([0.5, -0.5, 0.0])  # ends exactly at 0: the masks' ties
     radius[0, 0, 0, :3] = torch.tensor([0.5, 0.5, 0.0])
-    grad_centre = torch.randn(centre.shape, dtype=torch.float64, generator=g)
-    grad_radius = torch.randn(centre.shape, dtype=torch.float64, generator=g)
+    grad_centre = torch.randn(centre.shape, dtype=dtype, generator=g)
+    grad_radius = torch.randn(centre.shape, dtype=dtype, generator=g)
 
     def reference(c, r):
         upper, lower = (c + r).relu(), (c - r).relu()
@@ -110,7 +113,33 @@ def test_interval_relu_backward_matches_autograd():
         results.append((out_c.detach(), out_r.detach(), c.grad, r.grad))
     for ours, expected in zip(results[1], results[0], strict=True):
         assert torch.equal(ours, expected)
+    if dtype == torch.float32:
+        return
     # Away from the kinks (random points hit none) the backward is the derivative.
     c = torch.randn(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
     r = torch.rand(2, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
     assert torch.autograd.gradcheck(_IntervalReLU.apply, (c, r))
+
+
+def test_fused_interval_relu_is_bitwise_the_aten_path(monkeypatch):
+    """The numba loops (float32 on a CPU) and the ATen formulation give the same bits, forward and
+    backward, also on non-contiguous inputs and on the no-grad path certification uses."""
+    assert fused._kernels() is not None, "numba is a dependency: the fused path must be available"
+    g = torch.Generator().manual_seed(3)
+    centre = torch.randn(6, 4, 7, 7, generator=g).transpose(1, 3)  # non-contiguous
+    radius = torch.rand(6, 4, 7, 7, generator=g).transpose(1, 3) * 0.5
+    centre[0, 0, 0, :2], radius[0, 0, 0, :2] = torch.tensor([0.25, -0.25]), 0.25  # ends exactly at 0
+    grads = torch.randn(2, *centre.shape, generator=g)
+
+    def run():
+        c, r = centre.clone().requires_grad_(), radius.clone().requires_grad_()
+        out_c, out_r = _IntervalReLU.apply(c, r)
+        torch.autograd.backward([out_c, out_r], list(grads))
+        with torch.no_grad():
+            step = ibp_module._scaled_step(nn.ReLU(), centre, radius, 1.0, None)
+        return out_c.detach(), out_r.detach(), c.grad, r.grad, *step[:2]
+
+    fused_results = run()
+    monkeypatch.setattr(fused, "available", lambda t: False)
+    for ours, aten in zip(fused_results, run(), strict=True):
+        assert torch.equal(ours, aten)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from runner.bounds import fused
 from runner.bounds.graph import (
     CHANNEL_AFFINE,
     POOLING,
@@ -85,6 +86,10 @@ class _IntervalReLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, c, r):
+        if fused.available(c):
+            centre, radius, lower_active = fused.relu_forward(c, r)
+            ctx.save_for_backward(centre, lower_active)
+            return centre, radius
         centre, radius, lower = _relu_ends(c, r)
         ctx.save_for_backward(centre, lower)
         return centre, radius
@@ -93,6 +98,8 @@ class _IntervalReLU(torch.autograd.Function):
     @once_differentiable  # no double backward through the bounds (nothing here needs one)
     def backward(ctx, grad_centre, grad_radius):
         centre, lower = ctx.saved_tensors
+        if lower.dtype == torch.bool:  # saved by the fused forward: the lower end's activity mask
+            return fused.relu_backward(grad_centre, grad_radius, centre, lower)
         threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
         grad_upper = torch.add(grad_centre, grad_radius)
         grad_lower = torch.sub(grad_centre, grad_radius)
@@ -118,6 +125,8 @@ def _scaled_step(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: floa
     if isinstance(layer, nn.ReLU):
         if torch.is_grad_enabled() and (c.requires_grad or r.requires_grad):
             c, r = _IntervalReLU.apply(c, r)
+        elif fused.available(c):
+            c, r, _ = fused.relu_forward(c, r)
         else:
             c, r, _ = _relu_ends(c, r)
         return c, r, 2.0 * scale

@@ -1,0 +1,76 @@
+"""The interval ReLU as one fused CPU loop each way (numba), for float32 tensors on a CPU.
+
+The ATen formulation of the scaled interval ReLU (`ibp._relu_ends` and `ibp._IntervalReLU.backward`) makes
+six passes over activation-sized memory forward and six backward; these loops make one each (read c and r,
+write C', R' and the lower end's sign; read two gradients, C' and the sign, write two gradients). They are
+bitwise the ATen results: the same float32 additions in the same order, and the same gradient masks (the
+upper end is active where C' > 0, the lower end where its own mask says so).
+
+Used when numba imports and the tensors are float32 on a CPU; everything else (CUDA, float64, no numba)
+takes the ATen path. numba compiles each loop once per machine (cached next to this file or in numba's
+user cache).
+"""
+
+import functools
+
+import numpy as np
+import torch
+
+
+@functools.cache
+def _kernels():
+    """(forward, backward) compiled loops, or None without numba. numba is imported on first use only:
+    a run that never bounds an interval does not pay for the import."""
+    try:
+        import numba
+    except ImportError:  # numba is a dependency; a trimmed install still runs on the ATen path
+        return None
+
+    @numba.njit(cache=True, nogil=True)
+    def forward(c, r, centre, radius, lower_active):
+        zero = np.float32(0.0)
+        for i in range(c.size):
+            upper = c[i] + r[i]
+            lower = c[i] - r[i]
+            upper = upper if upper > zero else zero
+            lower = lower if lower > zero else zero
+            centre[i] = upper + lower
+            radius[i] = upper - lower
+            lower_active[i] = lower > zero
+
+    @numba.njit(cache=True, nogil=True)
+    def backward(grad_centre, grad_radius, centre, lower_active, grad_c, grad_r):
+        zero = np.float32(0.0)
+        for i in range(centre.size):
+            grad_upper = grad_centre[i] + grad_radius[i] if centre[i] > zero else zero
+            grad_lower = grad_centre[i] - grad_radius[i] if lower_active[i] else zero
+            grad_c[i] = grad_upper + grad_lower
+            grad_r[i] = grad_upper - grad_lower
+
+    return forward, backward
+
+
+def available(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype == torch.float32 and _kernels() is not None
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).numpy()
+
+
+def relu_forward(c: torch.Tensor, r: torch.Tensor):
+    """(relu(c + r) + relu(c - r), relu(c + r) - relu(c - r), relu(c - r) > 0), fused."""
+    c, r = c.contiguous(), r.contiguous()
+    centre, radius = torch.empty_like(c), torch.empty_like(r)
+    lower_active = torch.empty(c.shape, dtype=torch.bool)
+    _kernels()[0](_flat(c), _flat(r), _flat(centre), _flat(radius), _flat(lower_active))
+    return centre, radius, lower_active
+
+
+def relu_backward(grad_centre, grad_radius, centre, lower_active):
+    """Gradients w.r.t. (c, r) of `relu_forward`, fused."""
+    grad_centre, grad_radius = grad_centre.contiguous(), grad_radius.contiguous()
+    grad_c, grad_r = torch.empty_like(grad_centre), torch.empty_like(grad_radius)
+    arrays = (grad_centre, grad_radius, centre, lower_active, grad_c, grad_r)
+    _kernels()[1](*(_flat(a) for a in arrays))
+    return grad_c, grad_r
