@@ -30,6 +30,8 @@ class DatasetConfig:
     # This dataset's recipe for the methods' defaults (the method YAMLs read them; `method.*=` overrides):
     train_eps_factor: float = 1.0  # AT/HR/TRADES training-attack radius / threat.eps (method.attack.eps_factor)
     trades_beta: float = 6.0  # TRADES beta (method.beta): the reference uses 6 on CIFAR-10, 1 on MNIST
+    sam_rho: float = 0.05  # SAM's rho when method.rho is null (Foret et al.'s default)
+    asam_rho: float = 2.0  # ASAM's (method.adaptive=true): its perturbation is scaled by |w|, so ~10x SAM's
     val_size: int = 0  # held-out validation images cut from the training set (model selection)
     test_size: int = 0  # only for datasets without an official test split (digits, synthetic)
     augment: str = "none"  # none | crop_flip | crop
@@ -58,7 +60,7 @@ class MethodConfig:
 
     name: str = MISSING
     sam: bool = False
-    rho: float | None = None  # SAM radius; None: 0.05, or 2.0 when adaptive (ASAM needs ~10x)
+    rho: float | None = None  # SAM radius; None: the dataset's dataset.sam_rho (or asam_rho when adaptive)
     adaptive: bool = False  # ASAM
 
 
@@ -115,7 +117,10 @@ class EvalConfig:
     n_examples: int | None = None  # None: the whole test split; else its first n (fixed order)
     batch_size: int = 500
     seed: int = 0  # attack randomness; independent of the training seed
-    checkpoint: str = "best"  # which checkpoint train-then-evaluate uses: best | last
+    # Which checkpoint train-then-evaluate uses: best | last | auto. auto: best.pt (early stopping on the
+    # validation score, Rice et al.) for methods selected on robust accuracy; last.pt for clean training
+    # (ERM, SAM), whose references report the final model and whose clean validation score ties often.
+    checkpoint: str = "auto"
     evaluators: list = field(default_factory=list)  # [{name: pgd, steps: 50, ...}, ...]
 
 

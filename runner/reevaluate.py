@@ -4,6 +4,7 @@ The checkpoint's own config (dataset, model, threat) is the base; the suite and 
 overrode on the command line replace it. Checkpoints from before a suite existed work unchanged.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
 
 
 def resolve_checkpoint(path) -> Path:
-    """A run directory means its best checkpoint (or last, when no best was written)."""
+    """A run directory means the checkpoint its training evaluated (results.json's train.checkpoint), or
+    else its best checkpoint (or last, when no best was written)."""
     path = Path(path).expanduser()
     if path.is_dir():
-        for name in ("best.pt", "last.pt"):
+        for name in (*_evaluated_in(path), "best.pt", "last.pt"):
             candidate = path / "checkpoints" / name
             if candidate.exists():
                 return candidate
@@ -30,6 +32,14 @@ def resolve_checkpoint(path) -> Path:
             f"{str(path)!r} is a directory without checkpoints/best.pt or last.pt: not a run directory"
         )
     return path
+
+
+def _evaluated_in(run_dir: Path) -> list[str]:
+    try:
+        which = json.loads((run_dir / "results.json").read_text())["train"]["checkpoint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [f"{which}.pt"] if which in ("best", "last") else []
 
 
 def merged_config(cfg, overrides: list[str], saved: dict):

@@ -275,7 +275,7 @@ def run(cfg, run_dir: Path) -> dict:
             exit_code = 0
             return {}
 
-        which = cfg.eval.checkpoint
+        which = evaluated_checkpoint(cfg.eval.checkpoint, method)
         chosen = ckpt_dir / f"{which}.pt"
         if chosen.exists():
             model.load_state_dict(checkpoint.load(chosen)["model"])
@@ -309,6 +309,13 @@ def run(cfg, run_dir: Path) -> dict:
         distributed.teardown(procs, finished=exit_code == 0)
         if exit_code:  # a SLURM job stopped before its time limit (SIGUSR1): submitit requeues it
             distributed.requeue_if_submitit(stop.signum)
+
+
+def evaluated_checkpoint(setting: str, method) -> str:
+    """eval.checkpoint resolved: auto means best for methods selected on a robust score, last otherwise."""
+    if setting != "auto":
+        return setting
+    return "last" if method.select_on == "clean" else "best"
 
 
 def nonfinite_message(cfg, logs: dict, epoch: int, step: int, skipped: int, ckpt_dir: Path) -> str:

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-SAM_DEFAULT_RHO = 0.05
-ASAM_DEFAULT_RHO = 2.0  # ASAM's perturbation is scaled by |w|, so it needs ~10x SAM's radius
+from runner.config import DatasetConfig
 
 
 def _loss_context(precision: str, device_type: str):
@@ -108,8 +107,7 @@ class SAMUpdate(Update):
     def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer):
         super().__init__(cfg, model, optimizer)
         self.adaptive = bool(cfg.method.adaptive)
-        rho = cfg.method.rho
-        self.rho = (ASAM_DEFAULT_RHO if self.adaptive else SAM_DEFAULT_RHO) if rho is None else float(rho)
+        self.rho = default_rho(cfg, self.adaptive) if cfg.method.rho is None else float(cfg.method.rho)
         if self.rho <= 0:
             raise ValueError(f"method.rho must be positive, got {self.rho}")
 
@@ -158,6 +156,14 @@ class SAMUpdate(Update):
         out.update(self._clip(model))
         self.optimizer.step()
         return out
+
+
+def default_rho(cfg, adaptive: bool) -> float:
+    """method.rho null: the dataset's recipe, dataset.sam_rho or dataset.asam_rho (their schema defaults,
+    the references' 0.05 and 2.0, when the config carries no dataset)."""
+    key = "asam_rho" if adaptive else "sam_rho"
+    dataset = cfg.get("dataset") or {}
+    return float(dataset.get(key, getattr(DatasetConfig, key)))
 
 
 def build_update(cfg, model: nn.Module, optimizer: torch.optim.Optimizer) -> Update:

@@ -248,3 +248,24 @@ def test_cpu_smoke_run(compose_cfg, tmp_path, overrides):
     assert any("sam/loss_perturbed" in row for row in rows)
     noise = results["run"]["label_noise"]
     assert noise["fraction"] == (0.3 if "dataset.label_noise=0.3" in overrides else 0.0)
+
+
+@pytest.mark.parametrize(
+    "overrides, rho",
+    [
+        ([], 0.15),  # digits' recipe (dataset/digits.yaml)
+        (["method.adaptive=true"], 2.0),  # ASAM's reference radius: digits sets no asam_rho of its own
+        (["dataset=mnist"], 0.05),  # elsewhere the reference's
+        (["method.rho=0.3"], 0.3),  # the command line wins
+    ],
+)
+def test_rho_comes_from_the_dataset_recipe_unless_given(overrides, rho):
+    from hydra import compose, initialize_config_module
+
+    from runner.config import register_configs
+
+    register_configs()
+    with initialize_config_module("runner.configs", version_base=None):
+        run_cfg = compose("train", overrides=["+method=sam", *overrides])
+    model = tiny_model()
+    assert build_update(run_cfg, model, torch.optim.SGD(model.parameters(), lr=0.1)).rho == rho

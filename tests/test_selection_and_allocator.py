@@ -1,12 +1,15 @@
-"""best.pt's selection key, and the training process's allocator setting."""
+"""best.pt's selection key, which checkpoint a run evaluates, and the training process's allocator setting."""
 
+import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
-from runner.train import selection_key
+from runner.reevaluate import resolve_checkpoint
+from runner.train import evaluated_checkpoint, selection_key
 
 
 def test_robust_score_first_then_clean_accuracy_breaks_ties():
@@ -20,6 +23,25 @@ def test_clean_only_methods_and_checkpoints_from_before_the_tie_break():
     assert selection_key({"val/score": 0.95}) == [0.95, 0.95]
     assert selection_key(0.5) == [0.5, -1.0]  # a bare float best_score in an older last.pt
     assert selection_key([0.5, 0.9]) == [0.5, 0.9]
+
+
+def test_auto_evaluates_best_for_robust_selection_and_last_for_clean_training():
+    for select_on, expected in (("clean", "last"), ("pgd", "best"), ("certified", "best")):
+        assert evaluated_checkpoint("auto", SimpleNamespace(select_on=select_on)) == expected
+        for explicit in ("best", "last"):  # an explicit eval.checkpoint is never second-guessed
+            assert evaluated_checkpoint(explicit, SimpleNamespace(select_on=select_on)) == explicit
+
+
+def test_a_run_directory_means_the_checkpoint_its_training_evaluated(tmp_path):
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name in ("best.pt", "last.pt"):
+        (ckpts / name).write_bytes(b"")
+    assert resolve_checkpoint(tmp_path) == ckpts / "best.pt"  # no results.json (training not finished)
+    (tmp_path / "results.json").write_text(json.dumps({"train": {"checkpoint": "last"}}))
+    assert resolve_checkpoint(tmp_path) == ckpts / "last.pt"
+    (tmp_path / "results.json").write_text("{not json")
+    assert resolve_checkpoint(tmp_path) == ckpts / "best.pt"
 
 
 def _allocator_in_fresh_process(env_value):
