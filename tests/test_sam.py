@@ -253,10 +253,12 @@ def test_cpu_smoke_run(compose_cfg, tmp_path, overrides):
 @pytest.mark.parametrize(
     "overrides, rho",
     [
-        ([], 0.15),  # digits' recipe (dataset/digits.yaml)
-        (["method.adaptive=true"], 2.0),  # ASAM's reference radius: digits sets no asam_rho of its own
-        (["dataset=mnist"], 0.05),  # elsewhere the reference's
-        (["method.rho=0.3"], 0.3),  # the command line wins
+        (["+method=sam"], 0.15),  # digits' recipe (dataset/digits.yaml)
+        (["+method=sam", "method.adaptive=true"], 2.0),  # ASAM's reference radius: digits sets no asam_rho
+        (["+method=sam", "dataset=mnist"], 0.05),  # elsewhere the reference's
+        (["+method=sam", "method.rho=0.3"], 0.3),  # the command line wins
+        (["experiment=cifar10_sam"], 0.05),
+        (["experiment=cifar10_sam", "method.adaptive=true"], 2.0),
     ],
 )
 def test_rho_comes_from_the_dataset_recipe_unless_given(overrides, rho):
@@ -266,6 +268,6 @@ def test_rho_comes_from_the_dataset_recipe_unless_given(overrides, rho):
 
     register_configs()
     with initialize_config_module("runner.configs", version_base=None):
-        run_cfg = compose("train", overrides=["+method=sam", *overrides])
+        run_cfg = compose("train", overrides=overrides)
     model = tiny_model()
     assert build_update(run_cfg, model, torch.optim.SGD(model.parameters(), lr=0.1)).rho == rho

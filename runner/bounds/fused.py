@@ -20,14 +20,20 @@ import torch
 
 @functools.cache
 def _kernels():
-    """(forward, backward) compiled loops, or None without numba. numba is imported on first use only:
-    a run that never bounds an interval does not pay for the import."""
+    """(forward, backward, accumulate_signed) compiled loops, or None without numba. numba is imported on
+    first use only: a run that never bounds an interval does not pay for the import."""
     try:
         import numba
     except ImportError:  # numba is a dependency; a trimmed install still runs on the ATen path
         return None
 
-    @numba.njit(cache=True, nogil=True)
+    def jit(loop):
+        try:
+            return numba.njit(cache=True, nogil=True)(loop)
+        except RuntimeError:  # no writable cache location (a read-only install): compile once per process
+            return numba.njit(nogil=True)(loop)
+
+    @jit
     def forward(c, r, centre, radius, lower_active):
         zero = np.float32(0.0)
         for i in range(c.size):
@@ -39,7 +45,7 @@ def _kernels():
             radius[i] = upper - lower
             lower_active[i] = lower > zero
 
-    @numba.njit(cache=True, nogil=True)
+    @jit
     def backward(grad_centre, grad_radius, centre, lower_active, grad_c, grad_r):
         zero = np.float32(0.0)
         for i in range(centre.size):
@@ -48,7 +54,7 @@ def _kernels():
             grad_c[i] = grad_upper + grad_lower
             grad_r[i] = grad_upper - grad_lower
 
-    @numba.njit(cache=True, nogil=True)
+    @jit
     def accumulate_signed(total, update, weight):
         zero = np.float32(0.0)
         for i in range(total.size):
