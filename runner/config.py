@@ -117,9 +117,9 @@ class EvalConfig:
     n_examples: int | None = None  # None: the whole test split; else its first n (fixed order)
     batch_size: int = 500
     seed: int = 0  # attack randomness; independent of the training seed
-    # Which checkpoint train-then-evaluate uses: best | last | auto. auto: best.pt (early stopping on the
-    # validation score, Rice et al.) for methods selected on robust accuracy; last.pt for clean training
-    # (ERM, SAM), whose references report the final model and whose clean validation score ties often.
+    # Which checkpoint train-then-evaluate uses: best | last | auto. auto: the one the method's reference
+    # reports: best.pt (early stopping on the validation score, Rice et al.) for AT, HR and IBP; last.pt,
+    # the final model of the fixed schedule, for ERM, SAM and TRADES.
     checkpoint: str = "auto"
     evaluators: list = field(default_factory=list)  # [{name: pgd, steps: 50, ...}, ...]
 

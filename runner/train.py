@@ -312,10 +312,8 @@ def run(cfg, run_dir: Path) -> dict:
 
 
 def evaluated_checkpoint(setting: str, method) -> str:
-    """eval.checkpoint resolved: auto means best for methods selected on a robust score, last otherwise."""
-    if setting != "auto":
-        return setting
-    return "last" if method.select_on == "clean" else "best"
+    """eval.checkpoint resolved: auto means the checkpoint the method's reference reports."""
+    return method.reported_checkpoint if setting == "auto" else setting
 
 
 def nonfinite_message(cfg, logs: dict, epoch: int, step: int, skipped: int, ckpt_dir: Path) -> str:

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
@@ -25,11 +24,18 @@ def test_clean_only_methods_and_checkpoints_from_before_the_tie_break():
     assert selection_key([0.5, 0.9]) == [0.5, 0.9]
 
 
-def test_auto_evaluates_best_for_robust_selection_and_last_for_clean_training():
-    for select_on, expected in (("clean", "last"), ("pgd", "best"), ("certified", "best")):
-        assert evaluated_checkpoint("auto", SimpleNamespace(select_on=select_on)) == expected
-        for explicit in ("best", "last"):  # an explicit eval.checkpoint is never second-guessed
-            assert evaluated_checkpoint(explicit, SimpleNamespace(select_on=select_on)) == explicit
+@pytest.mark.parametrize(
+    "method, reported", [("erm", "last"), ("sam", "last"), ("trades", "last"), ("at", "best"), ("hr", "best"),
+                         ("ibp", "best"), ("crown_ibp", "best")],
+)
+def test_auto_evaluates_the_checkpoint_each_reference_reports(method, reported):
+    import importlib
+
+    cls = next(v for v in vars(importlib.import_module(f"runner.methods.{method}")).values()
+               if isinstance(v, type) and v.__module__.endswith(method) and hasattr(v, "reported_checkpoint"))
+    assert evaluated_checkpoint("auto", cls) == reported
+    for explicit in ("best", "last"):  # an explicit eval.checkpoint is never second-guessed
+        assert evaluated_checkpoint(explicit, cls) == explicit
 
 
 def test_a_run_directory_means_the_checkpoint_its_training_evaluated(tmp_path):

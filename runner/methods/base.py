@@ -27,6 +27,10 @@ class Method:
 
     # What best.pt selection maximises on the validation split: "clean", "pgd" or "certified".
     select_on = "clean"
+    # The checkpoint eval.checkpoint=auto evaluates: the one the method's reference reports. "best" is
+    # early stopping on the validation score (Rice et al.'s protocol for AT); "last" the final model of a
+    # fixed schedule (ERM, SAM, TRADES: their references select nothing on held-out data).
+    reported_checkpoint = "best"
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -15,6 +15,7 @@ class Config(MethodConfig):
 
 class ERM(Method):
     select_on = "clean"
+    reported_checkpoint = "last"
 
     def loss(self, model, x, y, ctx):
         logits = model(x)

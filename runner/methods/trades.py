@@ -36,6 +36,7 @@ def kl_per_example(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torc
 
 class TRADES(Method):
     select_on = "pgd"
+    reported_checkpoint = "last"
 
     def __init__(self, cfg):
         super().__init__(cfg)
