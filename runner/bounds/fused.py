@@ -3,9 +3,9 @@ one loop each way, and the gradient through |W| added in one pass.
 
 The ATen formulation of the scaled interval ReLU (`ibp._relu_ends` and `ibp._IntervalReLU.backward`) makes
 six passes over activation-sized memory forward and six backward; these loops make one each (read c and r,
-write C', R' and the lower end's sign; read two gradients, C' and the sign, write two gradients). They are
-bitwise the ATen results: the same float32 additions in the same order, and the same gradient masks (the
-upper end is active where C' > 0, the lower end where its own mask says so).
+write C', R' and one byte saying which ends are positive; read two gradients and that byte, write two
+gradients). They are bitwise the ATen results: the same float32 additions in the same order, and the same
+gradient masks.
 
 Used when numba imports and the tensors are float32 on a CPU; everything else (CUDA, float64, no numba)
 takes the ATen path. numba compiles each loop once per machine (cached next to this file or in numba's
@@ -34,7 +34,7 @@ def _kernels():
             return numba.njit(nogil=True)(loop)
 
     @jit
-    def forward(c, r, centre, radius, lower_active):
+    def forward(c, r, centre, radius, active):
         zero = np.float32(0.0)
         for i in range(c.size):
             upper = c[i] + r[i]
@@ -43,14 +43,14 @@ def _kernels():
             lower = lower if lower > zero else zero
             centre[i] = upper + lower
             radius[i] = upper - lower
-            lower_active[i] = lower > zero
+            active[i] = (upper > zero) + 2 * (lower > zero)
 
     @jit
-    def backward(grad_centre, grad_radius, centre, lower_active, grad_c, grad_r):
+    def backward(grad_centre, grad_radius, active, grad_c, grad_r):
         zero = np.float32(0.0)
-        for i in range(centre.size):
-            grad_upper = grad_centre[i] + grad_radius[i] if centre[i] > zero else zero
-            grad_lower = grad_centre[i] - grad_radius[i] if lower_active[i] else zero
+        for i in range(active.size):
+            grad_upper = grad_centre[i] + grad_radius[i] if active[i] & 1 else zero
+            grad_lower = grad_centre[i] - grad_radius[i] if active[i] & 2 else zero
             grad_c[i] = grad_upper + grad_lower
             grad_r[i] = grad_upper - grad_lower
 
@@ -83,18 +83,18 @@ def _flat(t: torch.Tensor) -> np.ndarray:
 
 
 def relu_forward(c: torch.Tensor, r: torch.Tensor):
-    """(relu(c + r) + relu(c - r), relu(c + r) - relu(c - r), relu(c - r) > 0), fused."""
+    """(relu(c + r) + relu(c - r), relu(c + r) - relu(c - r), activity), fused. activity is one byte per
+    element: bit 0 the upper end is positive, bit 1 the lower end is (all the backward pass reads)."""
     c, r = c.contiguous(), r.contiguous()
     centre, radius = torch.empty_like(c), torch.empty_like(r)
-    lower_active = torch.empty(c.shape, dtype=torch.bool)
-    _kernels()[0](_flat(c), _flat(r), _flat(centre), _flat(radius), _flat(lower_active))
-    return centre, radius, lower_active
+    active = torch.empty(c.shape, dtype=torch.uint8)
+    _kernels()[0](_flat(c), _flat(r), _flat(centre), _flat(radius), _flat(active))
+    return centre, radius, active
 
 
-def relu_backward(grad_centre, grad_radius, centre, lower_active):
+def relu_backward(grad_centre: torch.Tensor, grad_radius: torch.Tensor, active: torch.Tensor):
     """Gradients w.r.t. (c, r) of `relu_forward`, fused."""
     grad_centre, grad_radius = grad_centre.contiguous(), grad_radius.contiguous()
     grad_c, grad_r = torch.empty_like(grad_centre), torch.empty_like(grad_radius)
-    arrays = (grad_centre, grad_radius, centre, lower_active, grad_c, grad_r)
-    _kernels()[1](*(_flat(a) for a in arrays))
+    _kernels()[1](*(_flat(t) for t in (grad_centre, grad_radius, active, grad_c, grad_r)))
     return grad_c, grad_r

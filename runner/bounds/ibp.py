@@ -87,8 +87,8 @@ class _IntervalReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, c, r):
         if fused.available(c):
-            centre, radius, lower_active = fused.relu_forward(c, r)
-            ctx.save_for_backward(centre, lower_active)
+            centre, radius, active = fused.relu_forward(c, r)
+            ctx.save_for_backward(active)
             return centre, radius
         centre, radius, lower = _relu_ends(c, r)
         ctx.save_for_backward(centre, lower)
@@ -97,9 +97,9 @@ class _IntervalReLU(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # no double backward through the bounds (nothing here needs one)
     def backward(ctx, grad_centre, grad_radius):
+        if len(ctx.saved_tensors) == 1:  # the fused forward's activity bytes
+            return fused.relu_backward(grad_centre, grad_radius, ctx.saved_tensors[0])
         centre, lower = ctx.saved_tensors
-        if lower.dtype == torch.bool:  # saved by the fused forward: the lower end's activity mask
-            return fused.relu_backward(grad_centre, grad_radius, centre, lower)
         threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
         grad_upper = torch.add(grad_centre, grad_radius)
         grad_lower = torch.sub(grad_centre, grad_radius)
