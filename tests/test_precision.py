@@ -58,3 +58,20 @@ def test_bf16_update_computes_the_loss_in_bf16_and_keeps_fp32_weights():
     assert dtypes == [torch.bfloat16]  # the forward ran under autocast
     assert torch.isfinite(logs["loss"]) and logs["loss"].dtype == torch.float32
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_interval_bounds_train_under_bf16_autocast():
+    """IBP's hand-written autograd nodes step aside under autocast: the bounds' backward works in bf16
+    and every parameter gets a finite fp32 gradient."""
+    from torch import nn
+
+    from runner import bounds
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 16), nn.ReLU(), nn.Linear(16, 10))
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lower = bounds.ibp_margin_bounds(net, x, y, 0.1)
+    bounds.robust_cross_entropy(lower.float(), y).backward()
+    for p in net.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()

@@ -144,7 +144,8 @@ def _scaled_step(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: floa
         if bias is not None and scale != 1.0:
             bias = bias * scale
         if isinstance(layer, nn.Linear):
-            if torch.is_grad_enabled():
+            # Under autocast the plain ops below pick their own dtypes, forward and backward.
+            if torch.is_grad_enabled() and not torch.is_autocast_enabled(c.device.type):
                 return (*_IntervalLinear.apply(c, r, layer.weight, bias), scale)
             return F.linear(c, layer.weight, bias), F.linear(r, layer.weight.abs()), scale
         conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
