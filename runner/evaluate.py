@@ -94,9 +94,10 @@ def examples_description(cfg, n: int) -> str:
     return f"first {n} of the {cfg.dataset.name} test split (fixed order, independent of every seed)"
 
 
-def evaluate(model, cfg, x, y, device, run_dir: Path | None) -> dict:
+def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str | None = None) -> dict:
     """Returns {"metrics", "eval", "checks", "skipped"} for results.json and, when run_dir is set, writes
-    report.md and the plots there. The model is put in eval mode (fp32)."""
+    report.md and the plots there (`model_source`: which checkpoint the numbers are of, for its header).
+    The model is put in eval mode (fp32)."""
     model = model.float().eval()
     x, y = evaluation_subset(x, y, cfg.eval.n_examples)
     x, y = x.to(device), y.to(device)
@@ -141,7 +142,7 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None) -> dict:
     if run_dir is not None:
         from runner.report import write_report
 
-        path = write_report(Path(run_dir), out, cfg)
+        path = write_report(Path(run_dir), out, cfg, model_source)
         log.info(f"eval report: {path}")
     return out
 

@@ -121,7 +121,7 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         results = {
             "run": run_summary(cfg),
             "train": {"epochs": state.get("epoch"), "checkpoint": str(path)},
-            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir),
+            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, str(path)),
             "env": environment(device),
             "config": OmegaConf.to_container(cfg, resolve=True),
         }

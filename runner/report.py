@@ -152,7 +152,7 @@ def write_curve(run_dir: Path, metrics: dict, settings: dict, threat_eps: float 
     return path
 
 
-def header_lines(cfg, out: dict) -> list[str]:
+def header_lines(cfg, out: dict, model_source: str | None = None) -> list[str]:
     from omegaconf import OmegaConf
 
     method = OmegaConf.select(cfg, "method.name", default=None) or "erm"
@@ -162,6 +162,7 @@ def header_lines(cfg, out: dict) -> list[str]:
         f"# Evaluation report: {method} on {OmegaConf.select(cfg, 'dataset.name')}, "
         f"{OmegaConf.select(cfg, 'model.name')}",
         "",
+        *([f"- model: {model_source}"] if model_source else []),
         f"- threat model: {OmegaConf.select(cfg, 'threat.norm')} eps={eps:.6g} ({eps * 255:.4g}/255)",
         f"- suite: `{OmegaConf.select(cfg, 'eval.name')}`; "
         f"evaluation seed {OmegaConf.select(cfg, 'eval.seed')}; "
@@ -178,7 +179,7 @@ def header_lines(cfg, out: dict) -> list[str]:
     return lines
 
 
-def write_report(run_dir: Path, out: dict, cfg) -> Path:
+def write_report(run_dir: Path, out: dict, cfg, model_source: str | None = None) -> Path:
     """Writes report.md (and robustness_curve.png when there is a curve) into run_dir."""
     from omegaconf import OmegaConf
 
@@ -188,7 +189,7 @@ def write_report(run_dir: Path, out: dict, cfg) -> Path:
     threat_eps = OmegaConf.select(cfg, "threat.eps", default=None)
     curve = write_curve(run_dir, metrics, settings, float(threat_eps) if threat_eps is not None else None)
     headline, details = ordered_keys(metrics)
-    lines = header_lines(cfg, out) + ["", "## Metrics", ""]
+    lines = header_lines(cfg, out, model_source) + ["", "## Metrics", ""]
     lines += metric_rows(metrics, settings, headline) if headline else ["(no metrics: suite `none`?)"]
     nested = [
         (k, name, v) for k in headline for name, v in settings.get(k, {}).items() if isinstance(v, dict)

@@ -277,15 +277,20 @@ def run(cfg, run_dir: Path) -> dict:
 
         which = evaluated_checkpoint(cfg.eval.checkpoint, method)
         chosen = ckpt_dir / f"{which}.pt"
+        evaluated_epoch, source = epochs, f"{which}.pt, the final model (epoch {epochs})"
         if chosen.exists():
-            model.load_state_dict(checkpoint.load(chosen)["model"])
-        tracker.info(f"evaluating the {which} checkpoint with suite '{cfg.eval.name}'")
+            saved = checkpoint.load(chosen)
+            model.load_state_dict(saved["model"])
+            if which == "best":
+                evaluated_epoch = saved.get("epoch")
+                source = f"best.pt, epoch {evaluated_epoch}: the best validation score ({method.select_on})"
+        tracker.info(f"evaluating {source} with suite '{cfg.eval.name}'")
         results = {
             "run": run_summary(cfg),
             "train": {"epochs": epochs, "wall_time_s": round(train_time, 3), "steps": step,
-                      "checkpoint": which, "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": skipped,
-                      "processes": procs.world_size},
-            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir),
+                      "checkpoint": which, "checkpoint_epoch": evaluated_epoch, "steps_per_epoch": steps_per_epoch,
+                      "nonfinite_skipped": skipped, "processes": procs.world_size},
+            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, source),
             "env": {**environment(device), **run_environment(cfg)},
             "config": config,
         }

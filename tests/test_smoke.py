@@ -32,6 +32,12 @@ def test_smoke_run_writes_the_contract(compose_cfg, tmp_path, method):
     assert (tmp_path / "train.log").read_text().count("epoch") >= 2
     for name in ("best.pt", "last.pt"):
         assert checkpoint.load(tmp_path / "checkpoints" / name)["model"]
+    # eval.checkpoint=auto: ERM reports its final model, AT its best validation epoch; the report says which
+    evaluated = results["train"]["checkpoint"]
+    assert evaluated == ("best" if method == "at" else "last")
+    saved_epoch = checkpoint.load(tmp_path / "checkpoints" / f"{evaluated}.pt").get("epoch")
+    assert results["train"]["checkpoint_epoch"] == (saved_epoch if method == "at" else 2)
+    assert f"- model: {evaluated}.pt" in (tmp_path / "report.md").read_text()
 
 
 def test_erm_learns_digits(compose_cfg, tmp_path):
