@@ -8,7 +8,7 @@ gradients). They are bitwise the ATen results: the same float32 additions in the
 gradient masks.
 
 Used when numba imports and the tensors are float32 on a CPU; everything else (CUDA, float64, no numba)
-takes the ATen path. numba compiles each loop once per machine (cached next to this file or in numba's
+takes the ATen path (bf16 under autocast included). numba compiles each loop once per machine (cached next to this file or in numba's
 user cache).
 """
 
