@@ -7,9 +7,9 @@ write C', R' and one byte saying which ends are positive; read two gradients and
 gradients). They are bitwise the ATen results: the same float32 additions in the same order, and the same
 gradient masks.
 
-Used when numba imports and the tensors are float32 on a CPU; everything else (CUDA, float64, no numba)
-takes the ATen path (bf16 under autocast included). numba compiles each loop once per machine (cached next to this file or in numba's
-user cache).
+Used when numba imports and the tensors are float32 on a CPU; everything else (CUDA, float64, bf16 under
+autocast, no numba) takes the ATen path. numba compiles each loop once per machine (cached next to this
+file or in numba's user cache).
 """
 
 import functools
