@@ -41,6 +41,26 @@ def run_name(override_dirname: str) -> str:
     return name
 
 
+def sweep_name(override_dirname: str, sweep_dir: str, task_overrides) -> str:
+    """A sweep job's subdirectory: its run name, plus every key the sweep varies that the run name leaves
+    out. `robust-train -m eval=quick,full` then gives each suite its own directory, instead of two jobs
+    training into one (at once, under a parallel launcher). The sweep's own overrides come from the
+    multirun.yaml the sweeper writes before launching; without it, the run name alone."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    parser = OverridesParser.create()
+    try:
+        sweep_overrides = OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra.overrides.task
+        swept = {o.get_key_element() for o in parser.parse_overrides(list(sweep_overrides)) if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - no readable multirun.yaml: name the job as a single run
+        swept = set()
+    named = [item for item in override_dirname.split(",") if item]
+    job = parser.parse_overrides(list(task_overrides))
+    extra = [o.input_line for o in job if o.get_key_element() in swept and o.input_line not in named]
+    return run_name(",".join(sorted(named + extra)))
+
+
 def _plain_help(argv: list[str]) -> str | None:
     """The command when argv is exactly `robust-train --help` (or robust-eval, or -h), else None."""
     command = os.path.basename(argv[0]) if argv else ""
@@ -55,6 +75,8 @@ def _register() -> None:
 
     if not OmegaConf.has_resolver("rt_run_name"):
         OmegaConf.register_new_resolver("rt_run_name", run_name)
+    if not OmegaConf.has_resolver("rt_sweep_name"):
+        OmegaConf.register_new_resolver("rt_sweep_name", sweep_name)
     register_configs()
 
 

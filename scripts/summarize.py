@@ -1,6 +1,6 @@
 """Summarise many runs into one table: method × metric, mean ± std over seeds.
 
-    python scripts/summarize.py <sweep or outputs dir> [--out DIR] [--metrics clean/acc,pgd/acc]
+    python scripts/summarize.py <sweep or outputs dir> [--out DIR] [--metrics clean/acc,pgd/acc] [--paired erm]
 
 Reads every results.json below the directory (train runs and robust-eval runs alike), groups runs
 that differ only in their seed, and writes summary.md, summary.csv and tradeoff.png (clean against
@@ -8,6 +8,12 @@ robust accuracy: AutoAttack where measured, else PGD) into --out (default: the d
 The markdown table is also printed. A group's label is its method plus whatever else differs
 between groups (dataset, model, threat, label noise). The same run evaluated twice (same label and
 seed) counts once: the newest results.json wins, and the table says so.
+
+`--paired METHOD` adds the comparison a single-seed table cannot make: each other method minus METHOD
+on the seeds both ran (same data order, same initialisation), as the mean difference with its 95%
+confidence interval (Student t over seeds) and on how many seeds the method was at least METHOD.
+Groups pair within the same setting (a "sam noise=0.3" group against "erm noise=0.3"). Written to
+paired.md and paired.csv and printed after the main table.
 """
 
 import argparse
@@ -82,11 +88,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def seed_order(seed) -> tuple:
+    """Integer seeds in numeric order (2 before 10), anything else after them."""
+    return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
+
+
 def summarise(groups: dict, metrics: list[str]) -> list[dict]:
     rows = []
     for label in sorted(groups):
         seeds = groups[label]
-        row = {"label": label, "seeds": sorted(seeds, key=str), "values": {}}
+        row = {"label": label, "seeds": sorted(seeds, key=seed_order), "values": {}}
         for metric in metrics:
             values = [
                 r["metrics"][metric]
@@ -97,6 +108,84 @@ def summarise(groups: dict, metrics: list[str]) -> list[dict]:
                 row["values"][metric] = (*mean_std(values), len(values))
         rows.append(row)
     return rows
+
+
+def t_quantile_975(dof: int) -> float:
+    from scipy.stats import t  # scikit-learn's dependency; imported only when --paired asks for it
+
+    return float(t.ppf(0.975, dof))
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """(method, the rest of the label): method names have no spaces."""
+    method, _, rest = label.partition(" ")
+    return method, rest
+
+
+def paired_differences(groups: dict, metrics: list[str], baseline: str) -> list[dict]:
+    """Per group and metric: differences to the baseline method's group of the same setting, seed by seed."""
+    rows = []
+    for label in sorted(groups):
+        method, rest = split_label(label)
+        reference = next((g for g in groups if split_label(g) == (baseline, rest)), None)
+        if method == baseline or reference is None:
+            continue
+        row = {"label": label, "baseline": reference, "values": {}}
+        for metric in metrics:
+            pairs = [
+                (run["metrics"][metric], groups[reference][seed]["metrics"][metric])
+                for seed, run in groups[label].items()
+                if seed in groups[reference]
+                and isinstance(run["metrics"].get(metric), int | float)
+                and isinstance(groups[reference][seed]["metrics"].get(metric), int | float)
+            ]
+            if not pairs:
+                continue
+            diffs = [a - b for a, b in pairs]
+            mean, std = mean_std(diffs)
+            half = t_quantile_975(len(diffs) - 1) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+            at_least = sum(d >= 0 for d in diffs)
+            row["values"][metric] = {"mean": mean, "ci95": half, "at_least": at_least, "n": len(diffs)}
+        rows.append(row)
+    return rows
+
+
+def paired_markdown(rows: list[dict], metrics: list[str], baseline: str) -> str:
+    lines = [
+        f"## Paired against {baseline} (same seeds)",
+        "",
+        f"Mean of (method − {baseline}) over the seeds both ran, ± the 95% confidence half-width (Student t),",
+        f"then on how many of those seeds the method scored at least {baseline}'s value.",
+        "",
+        "| method | against | " + " | ".join(f"`{m}`" for m in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for row in rows:
+        cells = []
+        for metric in metrics:
+            v = row["values"].get(metric)
+            if v is None:
+                cells.append("–")
+                continue
+            spread = "" if math.isnan(v["ci95"]) else f" ± {v['ci95']:.4f}"
+            cells.append(f"{v['mean']:+.4f}{spread} (≥ on {v['at_least']}/{v['n']})")
+        lines.append(f"| {row['label']} | {row['baseline']} | " + " | ".join(cells) + " |")
+    if not rows:
+        lines.append(f"\nNo group has a {baseline} group of the same setting to pair with.")
+    return "\n".join(lines) + "\n"
+
+
+def write_paired_csv(path: Path, rows: list[dict], metrics: list[str]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "baseline", "metric", "n_seeds", "mean_difference", "ci95", "at_least"])
+        for row in rows:
+            for metric in metrics:
+                v = row["values"].get(metric)
+                if v is not None:
+                    ci = "" if math.isnan(v["ci95"]) else f"{v['ci95']:.6f}"
+                    mean = f"{v['mean']:.6f}"
+                    writer.writerow([row["label"], row["baseline"], metric, v["n"], mean, ci, v["at_least"]])
 
 
 def choose_metrics(runs: list[dict], requested: list[str] | None) -> list[str]:
@@ -205,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics", default=None, help="comma-separated metric keys (default: the contract's)"
     )
+    parser.add_argument(
+        "--paired",
+        metavar="METHOD",
+        default=None,
+        help="also compare every other method with METHOD seed by seed (mean difference, 95%% CI)",
+    )
     args = parser.parse_args(argv)
     if not args.root.is_dir():
         print(f"summarize: {args.root} is not a directory", file=sys.stderr)
@@ -223,6 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out / "summary.csv", rows, metrics)
     robust_key = write_tradeoff(out / "tradeoff.png", rows, groups)
     print(text, end="")
+    if args.paired:
+        if not any(split_label(label)[0] == args.paired for label in groups):
+            methods = sorted({split_label(label)[0] for label in groups})
+            print(f"summarize: --paired {args.paired}: no such method among the runs {methods}", file=sys.stderr)
+            return 2
+        paired = paired_differences(groups, metrics, args.paired)
+        paired_text = paired_markdown(paired, metrics, args.paired)
+        (out / "paired.md").write_text(paired_text)
+        write_paired_csv(out / "paired.csv", paired, metrics)
+        print("\n" + paired_text, end="")
     print(
         f"\nwrote {out / 'summary.md'}, {out / 'summary.csv'}"
         + (

@@ -97,3 +97,43 @@ def test_clear_errors(summarize, tmp_path, capsys):
     write_run(tmp_path, "r", "erm", 0, {"clean/acc": 0.9})
     with pytest.raises(SystemExit, match="pgd/acc"):
         summarize.main([str(tmp_path), "--metrics", "pgd/acc"])
+
+
+def test_paired_differences_against_a_baseline(summarize, tmp_path, capsys):
+    erm = [0.97, 0.98, 0.96, 0.99]
+    sam = [0.98, 0.98, 0.97, 0.985]
+    for seed in range(4):
+        write_run(tmp_path, f"erm{seed}", "erm", seed, {"clean/acc": erm[seed]})
+        write_run(tmp_path, f"sam{seed}", "sam", seed, {"clean/acc": sam[seed]})
+    write_run(tmp_path, "sam9", "sam", 9, {"clean/acc": 0.5})  # no ERM run on seed 9: left out of the pairs
+    assert summarize.main([str(tmp_path), "--paired", "erm"]) == 0
+    printed = capsys.readouterr().out
+    diffs = [s - e for s, e in zip(sam, erm)]
+    mean, std = statistics.mean(diffs), statistics.stdev(diffs)
+    half = 3.182446305284263 * std / 2  # t(0.975, 3 dof) · s / √4
+    with (tmp_path / "paired.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert (row["method"], row["baseline"], row["n_seeds"]) == ("sam", "erm", "4")
+    assert float(row["mean_difference"]) == pytest.approx(mean, abs=1e-6)
+    assert float(row["ci95"]) == pytest.approx(half, abs=1e-6)
+    assert row["at_least"] == "3"  # seed 1 ties, seed 3 loses
+    assert f"{mean:+.4f} ± {half:.4f} (≥ on 3/4)" in printed
+    assert "Paired against erm" in (tmp_path / "paired.md").read_text()
+
+
+def test_paired_pairs_within_a_setting_and_names_a_missing_baseline(summarize, tmp_path, capsys):
+    for noise, offset in ((0.0, 0.0), (0.3, -0.2)):
+        for method, gain in (("erm", 0.0), ("sam", 0.05)):
+            path = write_run(tmp_path, f"{method}{noise}", method, 0, {"clean/acc": 0.9 + offset + gain})
+            results = json.loads(path.read_text())
+            results["run"]["label_noise"] = {"fraction": noise, "kind": "symmetric"}
+            path.write_text(json.dumps(results))
+    assert summarize.main([str(tmp_path), "--paired", "erm"]) == 0
+    with (tmp_path / "paired.csv").open() as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert rows["sam noise=0.3 symmetric"]["baseline"] == "erm noise=0.3 symmetric"
+    assert all(float(r["mean_difference"]) == pytest.approx(0.05) for r in rows.values())
+    assert all(r["ci95"] == "" for r in rows.values())  # one seed: no interval
+    capsys.readouterr()
+    assert summarize.main([str(tmp_path), "--paired", "at"]) == 2
+    assert "no such method" in capsys.readouterr().err

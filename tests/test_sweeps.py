@@ -66,6 +66,32 @@ def test_submitit_local_sweep_gives_four_complete_runs(tmp_path):
     assert list((sweep_dir / ".submitit").iterdir())  # the jobs really went through submitit
 
 
+def test_sweeping_a_key_left_out_of_run_names_still_gives_each_job_its_own_directory(tmp_path):
+    """eval is not part of a run's name (the same training lands in one directory); swept, it must be, or
+    two jobs train into one directory and the second results.json replaces the first."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [str(BIN / "robust-train"), "-m", "eval=none,quick", "train.epochs=1", "device=cpu",
+         f"hydra.sweep.dir={sweep_dir}"],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = sorted(p.parent.name for p in sweep_dir.glob("*/results.json"))
+    assert runs == ["eval-none+train.epochs-1", "eval-quick+train.epochs-1"]  # device=cpu is not swept
+    quick = json.loads((sweep_dir / runs[1] / "results.json").read_text())
+    assert "clean/acc" in quick["metrics"]
+
+
+def test_sweep_names_without_a_multirun_record_are_run_names(tmp_path):
+    from runner.cli import run_name, sweep_name
+
+    assert sweep_name("+method=at,seed=0", str(tmp_path), ["+method=at", "seed=0", "eval=full"]) == run_name(
+        "+method=at,seed=0"
+    )
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: ['+method=at', 'eval=quick,full']\n")
+    assert sweep_name("+method=at", str(tmp_path), ["+method=at", "eval=full"]) == "method-at+eval-full"
+
+
 @pytest.mark.slow
 def test_submitit_job_stopped_by_the_time_limit_signal_is_requeued_and_resumes(tmp_path):
     """SIGUSR1 (what the slurm presets have SLURM send before the time limit) mid-epoch: the run
