@@ -161,6 +161,26 @@ def test_robust_loss_after_the_ramp_uses_clean_batch_statistics():
     assert model.training
 
 
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_robust_only_loss_runs_the_clean_pass_only_for_batch_statistics(batch_norm):
+    """After Shi's ramp the loss is robust CE alone: the clean forward pass is needed only where BatchNorm
+    takes the clean batch's statistics, and skipping it elsewhere changes no gradient."""
+    model, (x, y) = tiny_model(batch_norm=batch_norm).train(), batch()
+    method = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=2, reg_lambda=0.0))
+    calls = []
+    model[1].register_forward_hook(lambda module, inputs, output: calls.append(inputs[0].shape))
+    loss, logs = method.loss(model, x, y, ctx(step=40))
+    assert logs["kappa"] == 0.0 and len(calls) == (1 if batch_norm else 0)  # the bounds are not a forward call
+    assert ("clean_loss" in logs) == batch_norm
+    _, stats = bounds.forward_with_bn_stats(model, x)
+    expected = bounds.robust_cross_entropy(bounds.ibp_margin_bounds(model, x, y, EPS, bn_stats=stats), y)
+    torch.testing.assert_close(loss, expected)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    expected_grads = torch.autograd.grad(expected, list(model.parameters()), allow_unused=True)
+    for got, want in zip(grads, expected_grads):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 def test_gowal_loss_mixes_clean_and_robust_cross_entropy():
     model, (x, y) = tiny_model(batch_norm=False).train(), batch()
     method = ibp.build(run_cfg(kappa="gowal", warmup_epochs=0, ramp_epochs=0, reg_lambda=0.0, eps_factor=1.1))

@@ -16,6 +16,7 @@ from runner.bounds.graph import (
     flatten_layers,
     forward_with_bn_stats,
     supports,
+    uses_batch_statistics,
 )
 from runner.bounds.ibp import ibp_margin_bounds, input_box, interval_bounds, margin_spec, propagate
 from runner.bounds.tightness import ibp_tightness
@@ -36,6 +37,7 @@ __all__ = [
     "propagate",
     "robust_cross_entropy",
     "supports",
+    "uses_batch_statistics",
     "worst_case_logits",
 ]
 

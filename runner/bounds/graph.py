@@ -123,6 +123,14 @@ def channel_affine(layer: nn.Module, bn_stats: dict | None) -> tuple[torch.Tenso
     return scale, shift
 
 
+def uses_batch_statistics(model: nn.Module) -> bool:
+    """True when some BatchNorm of the model normalises with the batch's statistics (train mode, or no
+    running statistics): its bounds then need the clean batch's, from `forward_with_bn_stats`."""
+    return any(
+        isinstance(m, BATCH_NORM) and (m.training or m.running_mean is None) for m in model.modules()
+    )
+
+
 def forward_with_bn_stats(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Clean forward pass that also returns {BatchNorm module: (batch mean, biased batch var)} for every
     BatchNorm that normalised with batch statistics. The statistics stay in the autograd graph, as in

@@ -148,11 +148,18 @@ class IBP(Method):
         eps_train = m.eps_factor * ctx.eps
         eps_t = eps_at(ctx.step, ctx.steps_per_epoch, m, eps_train)
         kappa = kappa_at(ctx.step, ctx.steps_per_epoch, m, eps_t)
-        logits, bn_stats = bounds.forward_with_bn_stats(model, x)
-        clean_loss = F.cross_entropy(logits, y)
-        logs = {"eps_t": eps_t, "kappa": kappa, "clean_loss": clean_loss.detach()}
+        logs = {"eps_t": eps_t, "kappa": kappa}
+        loss, bn_stats = x.new_zeros(()), {}
+        # The clean pass serves the clean CE (kappa > 0) and BatchNorm's batch statistics, which the bounds
+        # normalise with. With neither (Shi's robust-only loss on a network without BatchNorm) it would
+        # only be logged: a third of a plain step, skipped.
+        if kappa > 0 or bounds.uses_batch_statistics(model):
+            logits, bn_stats = bounds.forward_with_bn_stats(model, x)
+            clean_loss = F.cross_entropy(logits, y)
+            logs["clean_loss"] = clean_loss.detach()
+            if kappa > 0:
+                loss = kappa * clean_loss
         regularise = m.reg_lambda > 0 and eps_train > 0 and eps_t < eps_train
-        loss = kappa * clean_loss if kappa > 0 else clean_loss.new_zeros(())
         relu_inputs = [] if regularise else None
         if kappa < 1:
             lower, extra = self.robust_bounds(model, x, y, eps_t, bn_stats, relu_inputs, ctx)
