@@ -253,7 +253,7 @@ def write_tradeoff(path: Path, rows: list[dict], groups: dict) -> str | None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.0, 4.6), layout="constrained")
+    figure = Figure(figsize=(8.2, 4.6), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     colours = [f"C{i % 10}" for i in range(len(rows))]
@@ -282,7 +282,7 @@ def write_tradeoff(path: Path, rows: list[dict], groups: dict) -> str | None:
     axes.set_xlabel("clean accuracy")
     axes.set_ylabel(f"robust accuracy ({robust_key})")
     axes.set_title("Clean vs robust accuracy (mean ± std over seeds)")
-    axes.legend(fontsize=8)
+    figure.legend(loc="outside right center", fontsize=8)  # beside the axes: never over a point
     figure.savefig(path, dpi=110)
     return robust_key
 
