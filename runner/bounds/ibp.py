@@ -63,10 +63,14 @@ def input_box(x: torch.Tensor, eps: float, norm: str = "linf") -> tuple[torch.Te
 
 def interval_step(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, bn_stats: dict | None):
     """One non-container layer applied to the interval (c, r)."""
-    c, r, scale = _scaled_step(layer, c, r, 1.0, bn_stats)
-    if scale != 1.0:
-        c, r = c * (1.0 / scale), r * (1.0 / scale)
-    return c, r
+    return _unscaled(*_scaled_step(layer, c, r, 1.0, bn_stats))
+
+
+def _unscaled(c: torch.Tensor, r: torch.Tensor, scale: float):
+    """The scaled interval (c, r, scale) as (centre, radius); dividing by a power of two is exact."""
+    if scale == 1.0:
+        return c, r
+    return c * (1.0 / scale), r * (1.0 / scale)
 
 
 def _relu_ends(c: torch.Tensor, r: torch.Tensor):
@@ -189,17 +193,14 @@ def _propagate_scaled(module: nn.Module, c, r, scale: float, bn_stats, relu_inpu
             c_main, r_main = c_main * (s_short / s_main), r_main * (s_short / s_main)
         return c_main + c_short, r_main + r_short, max(s_main, s_short)
     if isinstance(module, nn.ReLU) and relu_inputs is not None:
-        relu_inputs.append((c, r) if scale == 1.0 else (c * (1.0 / scale), r * (1.0 / scale)))
+        relu_inputs.append(_unscaled(c, r, scale))
     return _scaled_step(module, c, r, scale, bn_stats)
 
 
 def propagate(module: nn.Module, c, r, bn_stats=None, relu_inputs: list | None = None):
     """The interval (c, r) through `module` (containers included). Each ReLU's input interval is
     appended to `relu_inputs` as (centre, radius) when a list is given (Shi et al.'s regulariser)."""
-    c, r, scale = _propagate_scaled(unwrap(module), c, r, 1.0, bn_stats, relu_inputs)
-    if scale != 1.0:
-        c, r = c * (1.0 / scale), r * (1.0 / scale)
-    return c, r
+    return _unscaled(*_propagate_scaled(unwrap(module), c, r, 1.0, bn_stats, relu_inputs))
 
 
 def margin_spec(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
@@ -227,12 +228,11 @@ def ibp_margin_bounds(
         body = body[1:]  # the input normalisation, applied to the box's own fresh tensors
     for layer in body:
         c, r, scale = _propagate_scaled(layer, c, r, scale, bn_stats, relu_inputs)
-    unscale = 1.0 / scale
     if not elide:
-        c, r = c * unscale, r * unscale
+        c, r = _unscaled(c, r, scale)
         lower, upper = c - r, c + r
         return (lower.gather(1, y[:, None]) - upper).scatter(1, y[:, None], 0.0)
-    return elided_margin_bounds(layers[-1], c, r, unscale, y)
+    return elided_margin_bounds(layers[-1], c, r, 1.0 / scale, y)
 
 
 def elided_margin_bounds(last: nn.Linear, c: torch.Tensor, r: torch.Tensor, unscale: float, y: torch.Tensor):
