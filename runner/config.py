@@ -89,6 +89,10 @@ class TrainConfig:
     nonfinite: str = "stop"  # stop | skip: what a non-finite loss does
     max_skips: int = 10  # with nonfinite=skip, stop after this many skipped steps
     progress: str = "auto"  # auto (rich bar on a TTY) | rich | plain
+    # Catastrophic-overfitting guard (Wong et al. 2020): after each epoch the method's validation metric is
+    # measured on that epoch's first training batch; a fall of more than this (accuracy, 0-1) from the
+    # previous epoch stops training, flags the run and evaluates the checkpoint from before. null: off.
+    collapse_drop: float | None = None
 
 
 @dataclass

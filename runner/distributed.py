@@ -114,6 +114,16 @@ def average_buffers(model: nn.Module, procs: Processes) -> None:
             buffer.div_(procs.world_size)
 
 
+def agree(flag: bool, procs: Processes) -> bool:
+    """Rank 0's `flag` on every process (a decision only rank 0 measured, such as stopping early)."""
+    if not procs.enabled:
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    shared = torch.tensor([float(flag)], device=device)
+    dist.broadcast(shared, src=0)
+    return bool(shared.item())
+
+
 class ShardedMethod:
     """A method whose loss is computed on this process's share of the global batch.
 

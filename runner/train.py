@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from runner import checkpoint, distributed
 from runner.allocator import keep_freed_memory
+from runner.collapse import CollapseGuard
 from runner.data import InMemoryLoader, load_splits, to_float
 from runner.errors import NonFiniteLoss, RunInterrupted
 from runner.evaluate import environment, evaluate
@@ -174,6 +175,7 @@ def run(cfg, run_dir: Path) -> dict:
         scheduler = build_scheduler(cfg.scheduler, optimizer, steps_per_epoch, total_steps)
         update = build_update(cfg, model, optimizer)
         x_val, y_val = to_float(splits.val[0]).to(device), splits.val[1].to(device)
+        guard = CollapseGuard(cfg.train.collapse_drop)
 
         start_epoch, resume_batch, step, best_score, skipped, train_time = 0, 0, 0, [-1.0, -1.0], 0, 0.0
         if resume_state is not None:
@@ -192,6 +194,7 @@ def run(cfg, run_dir: Path) -> dict:
             start_epoch, resume_batch = resume_state["epoch"], resume_state.get("batch", 0)
             step, skipped = resume_state["step"], resume_state.get("nonfinite_skipped", 0)
             best_score, train_time = selection_key(resume_state["best_score"]), resume_state["train_time_s"]
+            guard.load_state_dict(resume_state.get("collapse_guard"))
             changed = config_differences(resume_state.get("config", {}), config)
             if changed:
                 tracker.warning("resuming with a config that differs from the checkpoint's: "
@@ -216,10 +219,13 @@ def run(cfg, run_dir: Path) -> dict:
                 "update": update.state_dict(), "rng": rng_state(),
                 "epoch": epoch, "batch": batch, "step": step, "best_score": best_score,
                 "train_time_s": elapsed, "nonfinite_skipped": skipped, "logger_run_id": tracker.run_id,
+                "collapse_guard": guard.state_dict(),
             }
 
         norm, eps = cfg.threat.norm, float(cfg.threat.eps)  # read once: config lookups are slow per step
-        for epoch in range(start_epoch, epochs):
+        # A run stopped by the collapse guard stays stopped: running its command again only evaluates.
+        last_epoch = guard.collapse["epoch"] if guard.collapse else epochs
+        for epoch in range(start_epoch, last_epoch):
             skip = resume_batch if epoch == start_epoch else 0
             if skip:
                 restore_rng(resume_state["rng"])  # mid-epoch checkpoint: the RNG where it stopped
@@ -230,6 +236,7 @@ def run(cfg, run_dir: Path) -> dict:
             model.train()
             with stop.deferred():  # SIGTERM/SIGUSR1 now mean: checkpoint at the next step, then stop
                 for batch, (x, y) in enumerate(loader):
+                    guard.remember(x, y)
                     if batch < skip:  # replayed, not trained: the loader's random draws stay in step
                         continue
                     ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
@@ -253,12 +260,13 @@ def run(cfg, run_dir: Path) -> dict:
                 distributed.average_buffers(model, procs)
 
                 epoch_metrics = {"epoch": epoch + 1, "epoch_time_s": time.perf_counter() - epoch_start}
+                val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
+                collapsed = guard.collapsed(method, model, val_ctx, epoch, procs)
                 if procs.is_main and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == epochs):
                     model.eval()
-                    val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
                     epoch_metrics.update(method.validate(model, x_val, y_val, val_ctx))
                     score = selection_key(epoch_metrics)
-                    if score > best_score:
+                    if score > best_score and not collapsed:  # the collapsed model is never best.pt
                         best_score = score
                         best = model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics}, config)
                         checkpoint.save(best, ckpt_dir / "best.pt")
@@ -266,6 +274,14 @@ def run(cfg, run_dir: Path) -> dict:
                     checkpoint.save(training_state(epoch + 1, 0, train_time), ckpt_dir / "last.pt",
                                     keep_previous=True)
                 tracker.epoch(step, epoch_metrics)
+                if collapsed:
+                    c = guard.collapse
+                    tracker.warning(
+                        f"catastrophic overfitting in epoch {c['epoch']}: the validation metric "
+                        f"({method.select_on}) on the epoch's first training batch fell from {c['previous']:.3f} "
+                        f"to {c['score']:.3f}, more than train.collapse_drop={guard.drop}; training stops here"
+                    )
+                    break
                 if stop.requested:
                     raise stop.interrupted(f"after epoch {epoch + 1} (step {step}), checkpointed")
         tracker.stop_progress()
@@ -277,7 +293,8 @@ def run(cfg, run_dir: Path) -> dict:
 
         which = evaluated_checkpoint(cfg.eval.checkpoint, method)
         chosen = ckpt_dir / f"{which}.pt"
-        evaluated_epoch, source = epochs, f"{which}.pt, the final model (epoch {epochs})"
+        trained_epochs = guard.collapse["epoch"] if guard.collapse else epochs
+        evaluated_epoch, source = trained_epochs, f"{which}.pt, the final model (epoch {trained_epochs})"
         if chosen.exists():
             saved = checkpoint.load(chosen)
             model.load_state_dict(saved["model"])
@@ -287,9 +304,10 @@ def run(cfg, run_dir: Path) -> dict:
         tracker.info(f"evaluating {source} with suite '{cfg.eval.name}'")
         results = {
             "run": run_summary(cfg),
-            "train": {"epochs": epochs, "wall_time_s": round(train_time, 3), "steps": step,
-                      "checkpoint": which, "checkpoint_epoch": evaluated_epoch, "steps_per_epoch": steps_per_epoch,
-                      "nonfinite_skipped": skipped, "processes": procs.world_size},
+            "train": {"epochs": epochs, "epochs_trained": trained_epochs, "wall_time_s": round(train_time, 3),
+                      "steps": step, "checkpoint": which, "checkpoint_epoch": evaluated_epoch,
+                      "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": skipped,
+                      "processes": procs.world_size, "collapse_guard": guard.summary()},
             **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, source),
             "env": {**environment(device), **run_environment(cfg)},
             "config": config,

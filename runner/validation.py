@@ -126,6 +126,8 @@ def check_train(t) -> None:
     _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
     _at_least("train.max_skips", t.max_skips, 0)
     _choice("train.progress", t.progress, PROGRESS_MODES)
+    if t.collapse_drop is not None:
+        _fraction("train.collapse_drop", t.collapse_drop)
 
 
 def check_optimization(o, s) -> None:
