@@ -137,7 +137,9 @@ def test_keys_and_presets_compose():
         cfg = compose("train", overrides=["+method=trades", "method.beta=2", "method.attack.steps=3"])
         assert cfg.method.beta == 2 and cfg.method.attack.steps == 3 and trades.build(cfg).select_on == "pgd"
         cifar = compose("train", overrides=["experiment=cifar10_trades"])
-        assert (cifar.model.name, cifar.threat.eps, cifar.method.beta) == ("wrn_34_10", 0.031, 6.0)
+        assert (cifar.model.name, cifar.threat.eps, cifar.method.beta) == ("wrn_34_10", 8 / 255, 6.0)
+        # Trains at the reference's 0.031, evaluates at 8/255 (where the published AutoAttack number is).
+        assert cifar.method.attack.eps_factor * cifar.threat.eps == pytest.approx(0.031, abs=1e-12)
         assert (cifar.method.attack.steps, cifar.method.attack.alpha, cifar.train.epochs) == (10, 0.007, 76)
         mnist = compose("train", overrides=["experiment=mnist_trades"])
         assert (mnist.threat.eps, mnist.method.beta, mnist.method.attack.steps) == (0.3, 1.0, 40)
