@@ -124,6 +124,24 @@ def agree(flag: bool, procs: Processes) -> bool:
     return bool(shared.item())
 
 
+def gather_batch(values: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The global batch's 1-D `values` (every process's share, in rank order) and the index where this
+    process's share starts: for losses that couple the examples of a batch, such as HR's worst-case
+    weights. Outside a process group: `values` itself and 0."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = torch.zeros(world, dtype=torch.long, device=values.device)
+    sizes[rank] = len(values)
+    dist.all_reduce(sizes)
+    sizes = sizes.tolist()
+    padded = values.new_zeros(max(sizes))  # all_gather needs one shape; shares differ by at most one
+    padded[: len(values)] = values
+    pieces = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(pieces, padded)
+    return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)]), sum(sizes[:rank])
+
+
 class ShardedMethod:
     """A method whose loss is computed on this process's share of the global batch.
 

@@ -181,6 +181,47 @@ def test_two_ranks_give_the_global_gradient_and_agree_on_skips_and_stops(tmp_pat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
 
 
+def _hr_two_rank_worker(rank, port, out_dir, cfg):
+    """HR's worst-case weights couple the batch: two ranks must give the single-process gradient."""
+    from runner.methods import build_method
+    from runner.methods.base import StepContext
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    share = slice(0, 4) if rank == 0 else slice(4, 9)
+    ctx = StepContext(0, 0, 1, 1, "linf", 0.0)  # eps 0: the losses are clean, no attack noise per rank
+    hr = build_method(cfg)
+    loss, logs = hr.loss(model, x, y, ctx)  # the single-process step, before joining the group
+    reference = torch.autograd.grad(loss, model[0].weight)[0]
+    single_stats = (float(logs["hr/max_weight"]), float(logs["hr/weight_entropy"]))
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    procs, device = distributed.setup(torch.device("cpu"))
+    try:
+        ddp = distributed.wrap_model(model, procs, device)
+        method = distributed.shard_method(hr, procs)
+        loss, logs = method.loss(ddp, x[share], y[share], ctx)
+        loss.backward()
+        torch.testing.assert_close(model[0].weight.grad, reference, rtol=1e-5, atol=1e-7)
+        assert (float(logs["hr/max_weight"]), float(logs["hr/weight_entropy"])) == pytest.approx(single_stats)
+        assert distributed.agree(rank == 0, procs)  # rank 0's verdict on both ranks
+        gathered, start = distributed.gather_batch(torch.arange(float(len(y[share]))) + 10 * rank)
+        assert gathered.tolist() == [0, 1, 2, 3, 10, 11, 12, 13, 14] and start == (0 if rank == 0 else 4)
+        Path(out_dir, f"rank{rank}.ok").write_text("ok")
+    finally:
+        distributed.teardown(procs)
+
+
+def test_hr_weights_are_computed_on_the_global_batch_across_ranks(tmp_path):
+    from runner.config import compose
+
+    cfg = compose(["+method=hr", "method.alpha=0.2", "method.r=0.5"])
+    mp.start_processes(_hr_two_rank_worker, args=(_free_port(), str(tmp_path), cfg), nprocs=2, start_method="fork")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
+
+
 # ---- submitit requeue ----------------------------------------------------------------------------------
 
 def test_requeue_hands_over_to_submitits_handler_only_for_time_limit_signals(monkeypatch):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
+from runner import distributed
 from runner.hr import hr_weights, weight_stats
 from runner.methods.at import AT
 from runner.methods.at import Config as ATConfig
@@ -41,13 +42,18 @@ class HR(AT):
         x_adv = self.adversarial(model, x, y, ctx)
         logits = model(x_adv)
         per_example = F.cross_entropy(logits, y, reduction="none")
-        weights, _ = hr_weights(per_example.detach(), self.alpha, self.r)
+        # The weights couple the whole batch: under several processes they are computed on the global
+        # batch's losses. This share's part of Σ p_i ℓ_i is returned as a share mean (× global / share
+        # size), which is what the multi-process wrapper rescales to the global mean.
+        global_losses, start = distributed.gather_batch(per_example.detach())
+        global_weights, _ = hr_weights(global_losses, self.alpha, self.r)
+        weights = global_weights[start : start + len(y)] * (len(global_losses) / len(y))
         loss = (weights.to(per_example.dtype) * per_example).sum()
         return loss, {
             "loss": loss.detach(),
             "loss_mean": per_example.detach().mean(),
             "train_robust_acc": (logits.argmax(1) == y).float().mean(),
-            **weight_stats(weights),
+            **weight_stats(global_weights),
         }
 
 
