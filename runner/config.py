@@ -33,6 +33,9 @@ class DatasetConfig:
     sam_rho: float = 0.05  # SAM's rho when method.rho is null (Foret et al.'s default)
     asam_rho: float = 2.0  # ASAM's (method.adaptive=true): its perturbation is scaled by |w|, so ~10x SAM's
     val_size: int = 0  # held-out validation images cut from the training set (model selection)
+    # Train on a seeded random subset of the training split (after the validation cut, before label noise):
+    # HR's statistical-error experiments train MNIST on 5%. 1.0: all of it.
+    train_fraction: float = 1.0
     test_size: int = 0  # only for datasets without an official test split (digits, synthetic)
     augment: str = "none"  # none | crop_flip | crop
     crop_padding: int = 4

@@ -167,8 +167,12 @@ def _missing_message(cfg, root: Path, reason: str) -> str:
 LOADERS = {"digits": _digits, "synthetic": _synthetic}
 
 
+SUBSET_SEED_OFFSET = 1_000_003  # the training subset's generator differs from label noise's (same seed)
+
+
 def load_splits(cfg, seed: int = 0) -> Splits:
-    """cfg: the `dataset` node. `seed` only drives label noise; split membership never depends on it."""
+    """cfg: the `dataset` node. `seed` drives the training subset (dataset.train_fraction) and label noise
+    only: validation and test membership never depend on it."""
     if cfg.name not in LOADERS and cfg.name not in INFO:
         known = sorted(set(LOADERS) | set(INFO))
         raise ValueError(f"dataset.name={cfg.name!r} is not a known dataset; choose one of {known}")
@@ -178,6 +182,11 @@ def load_splits(cfg, seed: int = 0) -> Splits:
     kept, cut = _stratified_cut(y.numpy(), cfg.val_size, SPLIT_SEED)
     kept, cut = torch.from_numpy(kept), torch.from_numpy(cut)
     train, val = (x[kept], y[kept]), (x[cut], y[cut])
+    if cfg.train_fraction < 1:
+        size = max(1, round(cfg.train_fraction * len(train[1])))
+        generator = torch.Generator().manual_seed(seed + SUBSET_SEED_OFFSET)
+        chosen = torch.randperm(len(train[1]), generator=generator)[:size].sort().values
+        train = (train[0][chosen], train[1][chosen])
     flipped = None
     if cfg.label_noise > 0:
         from runner.label_noise import corrupt_labels

@@ -60,6 +60,7 @@ def run_summary(cfg) -> dict:
         "threat": {"norm": cfg.threat.norm, "eps": float(cfg.threat.eps),
                    "eps_255": round(cfg.threat.eps * 255, 3)},
         "label_noise": {"fraction": cfg.dataset.label_noise, "kind": cfg.dataset.label_noise_kind},
+        "train_fraction": cfg.dataset.train_fraction,
     }
 
 

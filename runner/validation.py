@@ -93,6 +93,8 @@ def check_dataset(d) -> None:
     if not str(d.data_dir).strip():
         _fail("dataset.data_dir", d.data_dir, "must be a directory path")
     _at_least("dataset.val_size", d.val_size, 0)
+    if not (isinstance(d.train_fraction, int | float) and 0 < d.train_fraction <= 1):
+        _fail("dataset.train_fraction", d.train_fraction, "must be in (0, 1]")
     _at_least("dataset.test_size", d.test_size, 0)
     _choice("dataset.augment", d.augment, AUGMENTS)
     _at_least("dataset.crop_padding", d.crop_padding, 0)

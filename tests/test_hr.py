@@ -236,7 +236,7 @@ def test_keys_and_presets_compose():
         mnist = compose("train", overrides=["experiment=mnist_hr"])
         assert (mnist.method.alpha, mnist.method.r, mnist.threat.norm) == (0.05, 0.1, "l2")
         assert (mnist.threat.eps, mnist.method.attack.steps, mnist.method.attack.alpha) == (0.2, 40, 0.01)
-        assert mnist.dataset.label_noise == 0.25
+        assert (mnist.dataset.label_noise, mnist.dataset.train_fraction, mnist.train.epochs) == (0.25, 0.05, 1500)
         with pytest.raises(ValueError, match="method.alpha"):
             hr.build(compose("train", overrides=["+method=hr", "method.alpha=1.5"]))
 
