@@ -93,3 +93,112 @@ def test_pgd_keeps_the_model_mode():
     model.train()
     pgd(model, x, y, eps=0.1, steps=2)
     assert model.training
+
+
+# ---- strength: closed-form worst cases on linear-then-monotone models, brute force on a 2-D ReLU net ----
+
+
+def linear_then_monotone(dim=16, seed=0, squash=False):
+    """Two logits whose margin is a monotone function of one linear form w·x: the worst case over the
+    L∞ box is known in closed form, coordinate by coordinate."""
+    torch.manual_seed(seed)
+    layers = [nn.Flatten(), nn.Linear(dim, 1)]
+    layers += [nn.Tanh()] if squash else []  # monotone: the gradient direction stays ±w, its size changes
+    layers += [nn.Linear(1, 2)]
+    model = nn.Sequential(*layers).eval()
+    with torch.no_grad():
+        model[-1].weight.copy_(torch.tensor([[2.0], [-1.0]]))  # margin z_0 - z_1 increases with w·x
+        model[-1].bias.zero_()
+    return model
+
+
+def margin(model, x, y):
+    with torch.no_grad():
+        logits = model(x)
+    return logits.gather(1, y[:, None]).squeeze(1) - logits.gather(1, 1 - y[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("squash", [False, True])
+@pytest.mark.parametrize("steps", [10, 50])
+def test_linf_pgd_reaches_the_closed_form_worst_case(steps, squash):
+    model = linear_then_monotone(squash=squash)
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 1, 4, 4, generator=g)  # many pixels within eps of 0 or 1: the image box is active
+    y = torch.randint(0, 2, (64,), generator=g)
+    eps = 0.1
+    w = model[1].weight.detach().view(1, 1, 4, 4)
+    toward_other = torch.where(y == 0, -1.0, 1.0).view(-1, 1, 1, 1)  # the sign that lowers the true margin
+    worst = (x + eps * toward_other * w.sign()).clamp(0, 1)
+    assert ((x + eps * toward_other * w.sign() - worst).abs() > 1e-3).any()  # the box does clip some
+    x_adv = pgd(model, x, y, eps=eps, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x_adv, worst, atol=1e-6)
+    assert torch.allclose(margin(model, x_adv, y), margin(model, worst, y), atol=1e-5)
+    # with the margin loss (the evaluator's loss="margin") too
+    from runner.evaluators.pgd import margin_loss
+
+    x_adv = pgd(model, x, y, eps=eps, steps=steps, loss_fn=margin_loss, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(x_adv, worst, atol=1e-6)
+
+
+@pytest.mark.parametrize("init, rtol", [("zero", 1e-4), ("uniform", 0.03)])
+def test_l2_pgd_reaches_the_closed_form_worst_case(init, rtol):
+    """Where the [0, 1] box is not active, the L2 worst case is x - eps·w/‖w‖ (towards the other class).
+    From zero PGD walks straight there; from a random start the off-axis part shrinks by about
+    1/(1 + alpha/eps) per step, so 10 steps leave a few percent of the attack's effect at most."""
+    model = linear_then_monotone(squash=True)
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(64, 1, 4, 4, generator=g) * 0.4 + 0.3  # eps·|w_i|/‖w‖ <= eps = 0.25 keeps it in [0, 1]
+    y = torch.randint(0, 2, (64,), generator=g)
+    eps = 0.25
+    w = model[1].weight.detach().view(1, 1, 4, 4)
+    toward_other = torch.where(y == 0, -1.0, 1.0).view(-1, 1, 1, 1)
+    worst = x + eps * toward_other * w / w.norm()
+    assert worst.min() > 0 and worst.max() < 1
+    x_adv = pgd(model, x, y, eps=eps, norm="l2", init=init, generator=torch.Generator().manual_seed(0))
+    best = margin(model, worst, y)
+    reached = margin(model, x_adv, y)
+    assert (reached >= best - 1e-5).all()  # nothing in the ball beats the closed form
+    effect = margin(model, x, y) - best  # what the exact worst case takes off the margin
+    assert effect.min() > 0.05
+    assert ((reached - best) <= rtol * effect + 1e-6).all(), ((reached - best) / effect).max()
+    assert ((x_adv - x).flatten(1).norm(dim=1) <= eps + 1e-5).all()
+
+
+def two_d_relu_net(seed=0):
+    """Steep enough that the margin over an eps-box has many linear pieces and several local optima."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(2, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 2)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(10)
+        model[0].bias.uniform_(-5, 5)
+    return model
+
+
+def test_pgd_with_restarts_reaches_the_grid_optimum_on_a_2d_relu_net():
+    """Brute force: the margin loss over a 201x201 grid of the eps-box ∩ [0, 1]² against PGD-50 with 10
+    restarts. A single restart stops in a local optimum on several points: the grid tells them apart."""
+    from runner.evaluators.pgd import margin_loss
+
+    model = two_d_relu_net()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(24, 2, generator=g)
+    eps = 0.15
+    with torch.no_grad():
+        y = model(x).argmax(1)
+        t = torch.linspace(-eps, eps, 201)
+        grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).view(-1, 2)
+        grid_best = torch.stack(
+            [margin_loss(model((x[i] + grid).clamp(0, 1)), y[i].expand(len(grid))).max() for i in range(len(y))]
+        )
+        clean = margin_loss(model(x), y)
+
+    def gaps(restarts):
+        generator = torch.Generator().manual_seed(0)
+        x_adv = pgd(model, x, y, eps=eps, steps=50, restarts=restarts, loss_fn=margin_loss, generator=generator)
+        assert ((x_adv - x).abs().amax(1) <= eps + 1e-6).all() and x_adv.min() >= 0 and x_adv.max() <= 1
+        with torch.no_grad():
+            return grid_best - margin_loss(model(x_adv), y)
+
+    assert (grid_best - clean).min() > 0.01  # every point has something to find
+    assert gaps(10).max() < 0.01
+    assert gaps(1).max() > 0.03  # not vacuous: the local optima are real

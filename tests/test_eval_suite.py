@@ -373,3 +373,118 @@ def test_order_checks_compare_the_common_prefix():
     assert checks["autoattack <= clean per point"]["passed"]
     assert "of 2 points" in checks["autoattack <= clean per point"]["detail"]
     assert not checks["pgd <= clean per point"]["passed"]
+
+
+# ---- restarts that provably matter, and evaluation in eval mode --------------------------------------
+
+
+def two_optima_model() -> nn.Sequential:
+    """A 1-pixel model whose margin z_0 − z_1 over x ∈ [0.1, 0.9] (x = 0.5, eps 0.4) has two local minima:
+    m(x) = 1 − (5/6)·relu(0.7 − x) − 10·relu(x − 0.7), so m(0.1) = 0.5 (still correct) and m(0.9) = −1
+    (fooled), with the ridge at x = 0.7. PGD climbs the side it starts on: a uniform start finds the
+    fooling optimum with probability 1/4, and only restarts make up for that."""
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        model[0].bias.copy_(torch.tensor([0.7, -0.7]))
+        model[2].weight.copy_(torch.tensor([[-5 / 6, -10.0], [0.0, 0.0]]))
+        model[2].bias.copy_(torch.tensor([1.0, 0.0]))
+    return model.eval()
+
+
+def test_pgd_evaluator_restarts_keep_the_best_of_independent_restarts():
+    model, eps, restarts = two_optima_model(), 0.4, 4
+    x, y = torch.full((200, 1), 0.5), torch.zeros(200, dtype=torch.long)
+    ctx = context(eps=eps, seed=3, batch_size=500)
+    single = pgd_evaluator.build({"name": "pgd", "steps": 10}, None)(model, x, y, ctx)
+    restarted = pgd_evaluator.build({"name": "pgd", "steps": 10, "restarts": restarts}, None)(model, x, y, ctx)
+    # The same stream, one restart at a time: each run of pgd draws its start from the evaluator's generator.
+    generator = torch.Generator().manual_seed(3)
+    candidates = [pgd(model, x, y, eps=eps, steps=10, generator=generator) for _ in range(restarts)]
+    with torch.no_grad():
+        fooled = [model(candidate).argmax(1) != y for candidate in candidates]
+    assert torch.equal(single.per_example["pgd"], ~fooled[0])
+    assert torch.equal(restarted.per_example["pgd"], ~torch.stack(fooled).any(0))
+    assert restarted.settings["pgd/acc"]["restarts"] == restarts
+    # restarts matter here: about 3/4 survive one restart, about (3/4)^4 ≈ 0.32 survive four
+    assert 0.6 < single.metrics["pgd/acc"] < 0.9 and 0.15 < restarted.metrics["pgd/acc"] < 0.5
+
+
+def bn_model() -> nn.Sequential:
+    """BatchNorm whose running statistics are far from a batch's, so train and eval mode disagree."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Normalize([0.5], [0.5]), nn.Flatten(), nn.Linear(36, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5)
+    )
+    with torch.no_grad():
+        model[3].running_mean.uniform_(-1.0, 1.0)
+        model[3].running_var.uniform_(0.3, 3.0)
+        model[3].weight.uniform_(0.5, 2.0)
+        model[3].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def bn_batch(model, n=60):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, 1, 6, 6, generator=g)
+    with torch.no_grad():
+        y = model.eval()(x).argmax(1)  # every point correct in eval mode
+    return x, y
+
+
+def bn_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_pgd_evaluator_on_a_train_mode_model_gives_the_eval_mode_result_and_keeps_bn_statistics():
+    import copy
+
+    model = bn_model()
+    x, y = bn_batch(model)
+    reference = copy.deepcopy(model).eval()
+    spec, ctx = {"name": "pgd", "steps": 10, "eps": 0.02}, context(eps=0.05)
+    expected = pgd_evaluator.build(spec, None)(reference, x, y, ctx)
+    model.train()
+    before = bn_state(model)
+    result = pgd_evaluator.build(spec, None)(model, x, y, context(eps=0.05))
+    assert model.training  # the caller's mode is restored ...
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # ... and BN never updated
+    for key in ("pgd", "pgd/eps_0.02"):
+        assert torch.equal(result.per_example[key], expected.per_example[key]), key
+    assert 0 < expected.metrics["pgd/acc"] < 1
+    # not vacuous: in train mode (batch statistics) the same attack gives another answer
+    with torch.no_grad():
+        assert (model(x).argmax(1) != y).float().mean() > 0.2
+
+
+def test_evaluate_puts_a_batch_norm_model_in_eval_mode(compose_cfg):
+    """The suite (clean, pgd, certified) on a model handed over in train mode: the numbers are the eval-mode
+    model's, and no evaluator moves BatchNorm's running statistics."""
+    import copy
+
+    from runner import bounds
+
+    eps = 0.01
+    cfg = compose_cfg(
+        f"threat.eps={eps}",
+        "eval.n_examples=null",
+        "eval.evaluators=[{name: clean}, {name: pgd, steps: 10}, {name: certified, methods: [ibp], tightness: false}]",
+    )
+    model = bn_model()
+    x, y = bn_batch(model)
+    reference = copy.deepcopy(model).eval()
+    model.train()
+    before = bn_state(model)
+    out = evaluate(model, cfg, x, y, torch.device("cpu"), None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert out["metrics"]["clean/acc"] == 1.0  # y is the eval-mode prediction
+    expected_pgd = pgd_evaluator.pgd_correct(
+        reference, x, y, eps=eps, norm="linf", steps=10, restarts=1, alpha=None, loss="ce",
+        seed=cfg.eval.seed, batch_size=cfg.eval.batch_size,
+    )
+    assert out["metrics"]["pgd/acc"] == pytest.approx(expected_pgd.float().mean().item())
+    lower = bounds.ibp_margin_bounds(reference, x, y, eps)
+    assert out["metrics"]["certified/ibp/acc"] == pytest.approx(bounds.certified_mask(lower, y).float().mean().item())
+    assert 0 < out["metrics"]["certified/acc"] < out["metrics"]["pgd/acc"] < 1  # not vacuous
+    assert all(c["passed"] for c in out["checks"]), [c for c in out["checks"] if not c["passed"]]
+    assert "certified <= pgd per point" in {c["name"] for c in out["checks"]}

@@ -58,16 +58,51 @@ def test_in_memory_loader_on_the_gpu_shards_like_one_process():
 
 
 @pytest.mark.parametrize("method", ["erm", "at_k10", "trades_k10", "sam"])
-def test_bf16_channels_last_steps_are_finite_with_fp32_weights(method):
+def test_bf16_channels_last_steps_are_finite_with_fp32_weights(method, monkeypatch):
+    """build_step's closure returns nothing: the model and each update's logs are caught where the
+    benchmark builds them (it imports runner.models.build_model and runner.update.build_update at call
+    time), then checked: finite losses, no skipped step, parameters fp32, finite and moved by the steps."""
     sys.path.insert(0, str(REPO / "bench"))
     import run as bench
 
+    import runner.models
+    import runner.update
+
+    built, logs = [], []
+    build_model, build_update = runner.models.build_model, runner.update.build_update
+
+    def catch_model(*args, **kwargs):
+        built.append(build_model(*args, **kwargs))
+        return built[-1]
+
+    def catch_logs(*args, **kwargs):
+        update = build_update(*args, **kwargs)
+
+        def logged_update(*update_args, **update_kwargs):
+            logs.append(update(*update_args, **update_kwargs))
+            return logs[-1]
+
+        return logged_update
+
+    monkeypatch.setattr(runner.models, "build_model", catch_model)
+    monkeypatch.setattr(runner.update, "build_update", catch_logs)
     workload = {"shape": (3, 32, 32), "model": "preact_resnet18", "batch": 32, "eps": 8 / 255}
     step = bench.build_step(workload, bench.METHOD_CASES[method], torch.device("cuda"), precision="bf16",
                             channels_last=True)
+    (model,) = built
+    initial = [p.detach().clone() for p in model.parameters()]
     step()
     step()
     torch.cuda.synchronize()
+    assert len(logs) == 2
+    for entry in logs:
+        assert "nonfinite" not in entry, entry
+        assert torch.isfinite(torch.as_tensor(entry["loss"])).all(), entry
+    params = list(model.parameters())
+    assert all(p.dtype == torch.float32 and p.is_cuda for p in params)
+    assert all(torch.isfinite(p).all() for p in params)
+    assert any(not torch.equal(p, q) for p, q in zip(params, initial)), "two optimizer steps changed nothing"
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in params)
 
 
 def test_benchmark_gpu_sections_run_on_tiny_sizes():

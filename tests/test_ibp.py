@@ -348,3 +348,60 @@ def test_certified_training_run_end_to_end(compose_cfg, tmp_path, method):
     assert all(check["passed"] for check in results["checks"]), results["checks"]
     rows = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eps_t"' in line]
     assert rows and '"tightness"' in rows[-1]
+
+
+# ---- the certified evaluator certifies at threat.eps, and sits under PGD per point ---------------------
+
+CERT_EPS = 0.01  # robust_model certifies about half of the points here, and all of them at 0 or eps/255
+
+
+def direct_masks(model, x, y, eps):
+    return {m: bounds.certified_mask(bounds.margin_lower_bounds(model, x, y, eps, method=m), y) for m in bounds.METHODS}
+
+
+def test_certified_evaluator_certifies_at_threat_eps():
+    model = robust_model()
+    x, _ = batch(n=30)
+    y = model(x).argmax(1)
+    result = certified.build({"name": "certified"}, None)(model, x, y, eval_ctx(eps=CERT_EPS))
+    expected = direct_masks(model, x, y, CERT_EPS)
+    expected_ibp = bounds.certified_mask(bounds.ibp_margin_bounds(model, x, y, CERT_EPS), y)
+    assert torch.equal(expected["ibp"], expected_ibp)
+    for method, mask in expected.items():
+        assert torch.equal(result.per_example[f"certified_{method}"], mask), method
+        assert result.metrics[f"certified/{method}/acc"] == pytest.approx(mask.float().mean().item())
+        assert result.settings[f"certified/{method}/acc"]["eps"] == CERT_EPS
+    union = expected["ibp"] | expected["crown_ibp"] | expected["crown"]
+    assert torch.equal(result.per_example["certified"], union)
+    assert result.metrics["certified/acc"] == pytest.approx(union.float().mean().item())
+    # The check above tells threat.eps apart from the wrong units: at 0 and at eps/255 every point is
+    # certified by every method, at eps only some are.
+    for wrong_eps in (0.0, CERT_EPS / 255):
+        for method, mask in direct_masks(model, x, y, wrong_eps).items():
+            assert mask.all() and not expected[method].all(), (wrong_eps, method)
+    assert 0 < expected["ibp"].float().mean() < expected["crown"].float().mean() < 1
+
+
+def test_certified_next_to_pgd_runs_the_certified_le_pgd_check(compose_cfg):
+    """evaluate() with clean, pgd and certified: the per-point order check certified <= pgd is run and
+    passes, with enough certified and enough PGD-broken points that it could fail."""
+    from runner.evaluate import evaluate
+
+    cfg = compose_cfg(
+        f"threat.eps={CERT_EPS}",
+        "eval.n_examples=null",
+        "eval.evaluators=[{name: clean}, {name: pgd, steps: 20}, {name: certified, tightness: false}]",
+    )
+    model = robust_model()
+    x, _ = batch(n=30)
+    y = model(x).argmax(1)
+    out = evaluate(model, cfg, x, y, torch.device("cpu"), None)
+    checks = {c["name"]: c for c in out["checks"]}
+    assert checks["certified <= pgd per point"]["passed"], checks["certified <= pgd per point"]
+    assert "of 30 points" in checks["certified <= pgd per point"]["detail"]
+    assert all(c["passed"] for c in out["checks"]), [c for c in out["checks"] if not c["passed"]]
+    metrics = out["metrics"]
+    assert 0 < metrics["certified/acc"] < metrics["pgd/acc"] < metrics["clean/acc"] == 1.0
+    expected = direct_masks(model, x, y, CERT_EPS)
+    assert metrics["certified/acc"] == pytest.approx((expected["ibp"] | expected["crown"]).float().mean().item())
+    assert out["eval"]["certified/acc"]["eps"] == CERT_EPS
