@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import os
 import re
+import signal
 import sys
 import textwrap
 import traceback
@@ -26,6 +27,21 @@ from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 COMMANDS = {"robust-train": "train", "robust-eval": "eval"}
+
+
+def _interrupted_while_starting(_signum, _frame) -> None:
+    """Ctrl-C while the console script imports torch and Hydra (the first second): one line, exit 130."""
+    command = os.path.basename(sys.argv[0]) if sys.argv else "robust-train"
+    print(f"{command}: interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    sys.exit(130)
+
+
+# Installed before the heavy imports below, only when this module is imported by a console script;
+# `_main` puts Python's own handler back once it can report Ctrl-C itself.
+if sys.argv and os.path.basename(sys.argv[0]) in COMMANDS and signal.getsignal(signal.SIGINT) is (
+    signal.default_int_handler
+):
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
 def run_name(override_dirname: str) -> str:
@@ -251,9 +267,10 @@ def eval_main() -> None:
     _main(_eval_task, "robust-eval", "eval")
 
 
-def _single_run_overrides(argv: list[str], default_config: str):
-    """(overrides, config name) when argv is a plain single run that the pre-flight can compose as Hydra
-    will; None for anything else (--help, --cfg, -m, a config dir...), which goes to Hydra unchecked."""
+def _single_run_overrides(argv: list[str], default_config: str, multirun: bool = False):
+    """(overrides, config name) when argv is a plain single run (with `multirun`: a plain `-m` sweep) that
+    the pre-flight can compose as Hydra will; None for anything else (--help, --cfg, a config dir...),
+    which goes to Hydra unchecked."""
     from hydra._internal.utils import get_args_parser
 
     try:
@@ -262,7 +279,9 @@ def _single_run_overrides(argv: list[str], default_config: str):
         return None
     if unknown or args.help or args.hydra_help or args.info or args.cfg or args.shell_completion:
         return None
-    if args.multirun or args.config_path or args.config_dir or args.experimental_rerun or args.resolve:
+    if bool(args.multirun) != multirun:
+        return None
+    if args.config_path or args.config_dir or args.experimental_rerun or args.resolve:
         return None
     return list(args.overrides), args.config_name or default_config
 
@@ -287,12 +306,14 @@ def _exit_for(err: BaseException, command: str) -> None:
     from runner.errors import RunInterrupted, describe
 
     if isinstance(err, KeyboardInterrupt):
-        print(f"{command}: interrupted (Ctrl-C); run the same command again to resume", file=sys.stderr)
+        again = ("run the same command again to resume" if command == "robust-train" else
+                 "an evaluation does not resume: run the same command again to evaluate from the start")
+        print(f"{command}: interrupted (Ctrl-C); {again}", file=sys.stderr)
         sys.exit(130)
     if isinstance(err, RunInterrupted):
         print(f"{command}: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)
-    message = describe(err)
+    message = describe(err, command)
     if message is None:
         traceback.print_exception(err)
         print(f"{command}: internal error (a bug, not your input): {type(err).__name__}: {err}",
@@ -304,6 +325,8 @@ def _exit_for(err: BaseException, command: str) -> None:
 
 def _main(task, command: str, config_name: str) -> None:
     global _report_in_task
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, `_exit_for` reports it
     if _plain_help([command, *sys.argv[1:]]):
         print(_help_text(command))
         return
@@ -317,7 +340,17 @@ def _main(task, command: str, config_name: str) -> None:
             from runner import validation
 
             preflight = validation.preflight_train if command == "robust-train" else validation.preflight_eval
-            preflight(*single)
+            run_dir = preflight(*single)
+            if command == "robust-eval" and not any(o.startswith("hydra.run.dir=") for o in single[0]):
+                from runner.reevaluate import reserve_run_dir
+
+                # outputs/evals/<second>: two evaluations started in the same second get a directory each
+                sys.argv.append(f"hydra.run.dir={reserve_run_dir(run_dir)}")
+        sweep = _single_run_overrides(sys.argv[1:], config_name, multirun=True)
+        if sweep is not None:  # every job checked before the sweeper writes or launches anything
+            from runner import validation
+
+            validation.preflight_sweep(*sweep)
         with _hydra_reraises():
             task()
     except SystemExit:

@@ -157,11 +157,9 @@ def _torchvision(cfg):
 
 
 def _missing_message(cfg, root: Path, reason: str) -> str:
-    return (
-        f"dataset '{cfg.name}' was not found under dataset.data_dir={str(root)!r} ({reason}). "
-        f"Download it on a machine with internet (torchvision.datasets, download=True, root=<dir>) and copy the "
-        f"files there, or point dataset.data_dir (or $ROBUST_TRAIN_DATA) at a folder that has them."
-    )
+    from runner.errors import dataset_missing_message  # runner.errors imports this module
+
+    return dataset_missing_message(cfg.name, root, reason)
 
 
 LOADERS = {"digits": _digits, "synthetic": _synthetic}

@@ -33,6 +33,65 @@ class NonFiniteLoss(RuntimeError):
 KNOWN_ERRORS = (ValueError, DatasetUnavailable, CheckpointError, OSError, NonFiniteLoss, RunDirBusy)
 
 
+# Where torchvision looks for each dataset's files under dataset.data_dir.
+DATASET_FILES = {
+    "mnist": "MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+             "t10k-labels-idx1-ubyte, or the same names .gz)",
+    "fashion_mnist": "FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, or the same names .gz)",
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)",
+    "cifar100": "cifar-100-python/ (train, test, meta)",
+    "svhn": "train_32x32.mat and test_32x32.mat",
+}
+
+
+def _short_reason(reason: str) -> str:
+    """torchvision's multi-line download failure (every mirror tried, every urlopen error) in a few words."""
+    text = " ".join(str(reason).split())
+    first = _first_line(reason).rstrip(":")
+    if "urlopen error" in text or "Name or service not known" in text or "Temporary failure" in text:
+        return f"{first} (no network)"
+    return first
+
+
+def dataset_missing_message(name: str, root, reason: str) -> str:
+    """One line for a torchvision dataset that is not on disk and could not be downloaded: where its files
+    are expected and how to get them there. (runner.data's `_missing_message` should return this.)"""
+    root = str(root)
+    where = f"{root.rstrip('/')}/{DATASET_FILES[name]}" if name in DATASET_FILES else root
+    return (
+        f"dataset '{name}' was not found under dataset.data_dir={root!r} ({_short_reason(reason)}); it is "
+        f"expected in {where}. Download it on a machine with internet (torchvision.datasets, download=True, "
+        f"root=<dir>) and copy the files there, or point dataset.data_dir (or $ROBUST_TRAIN_DATA) at a folder "
+        f"that has them."
+    )
+
+
+_MISSING = re.compile(r"^dataset '(?P<name>[^']+)' was not found under dataset\.data_dir='(?P<root>[^']*)' "
+                      r"\((?P<reason>.*?)\)\. Download it", re.DOTALL)
+
+
+def _dataset_unavailable(err) -> str:
+    text = str(err)
+    match = _MISSING.match(text)
+    if match and "expected in" not in text:
+        return dataset_missing_message(match["name"], match["root"], match["reason"])
+    return " ".join(text.split())
+
+
+def _checkpoint_error(err, command: str | None) -> str:
+    """torch's weights_only advice (re-load with weights_only=False: unsafe, and not the fix) left out; a
+    run's own damaged last.pt gets the way to start over."""
+    text = str(err)
+    if "Weights only load failed" in text:
+        text = text[: text.index("Weights only load failed")] + "the file is damaged or was not written by robust-train"
+    text = " ".join(text.split())
+    if command == "robust-train" and re.search(r"last(\.prev)?\.pt'", text):
+        text += ("; no good last.pt or last.prev.pt to resume from: start the run over with resume=never "
+                 "(or resume=<another checkpoint>)")
+    return text
+
+
 def _first_line(text) -> str:
     lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return lines[0] if lines else ""
@@ -88,6 +147,12 @@ def _hydra(err) -> str | None:
                 f"(overrides are key=value, +key=value to add, ~key to delete; quote a value that holds "
                 f"'=', ',' or spaces: \"key='a=b,c'\")")
     if isinstance(err, ConfigCompositionException):
+        twice = re.search(r"Multiple values for (\S+)\. To override a value use 'override \S+: (\S+)'", str(err))
+        if twice:
+            group, option = twice.groups()
+            return (f"{group} is already chosen by a config (an experiment preset or a method's recipe): "
+                    f"replace it with {group}={option} on the command line, without the '+' "
+                    f"(+{group}= only adds a group that is not there)")
         cause = err.__cause__
         match = re.search(r"override (\S+=\S*)", str(err))
         override = match.group(1) if match else None
@@ -97,8 +162,9 @@ def _hydra(err) -> str | None:
     return None
 
 
-def describe(err: BaseException) -> str | None:
-    """One line for an error the user can fix; None for anything else (a bug keeps its traceback)."""
+def describe(err: BaseException, command: str | None = None) -> str | None:
+    """One line for an error the user can fix; None for anything else (a bug keeps its traceback).
+    `command` (robust-train, robust-eval) tailors the hints that depend on it."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -108,7 +174,11 @@ def describe(err: BaseException) -> str | None:
         return _omegaconf(err)
     if isinstance(err, RunInterrupted):
         return str(err)
-    if isinstance(err, ConfigError | DatasetUnavailable | CheckpointError | NonFiniteLoss | RunDirBusy):
+    if isinstance(err, DatasetUnavailable):
+        return _dataset_unavailable(err)
+    if isinstance(err, CheckpointError):
+        return _checkpoint_error(err, command)
+    if isinstance(err, ConfigError | NonFiniteLoss | RunDirBusy):
         return str(err)
     try:
         import torch

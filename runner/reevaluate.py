@@ -17,6 +17,11 @@ from runner.evaluate import environment, evaluate
 from runner.tracking import StopRequests, Tracker, write_json
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
+# What training decided: the checkpoint's values, never the command line's (results would carry another
+# run's labels: `+method=at` on an ERM checkpoint). Where to find the data may change.
+TRAINING_KEYS = ("method", "model", "dataset", "optimizer", "scheduler", "train", "seed", "deterministic", "resume")
+EVAL_MAY_CHANGE = ("dataset.data_dir", "dataset.download")
+NOT_RESUMABLE = "an evaluation does not resume: run the same command again to evaluate from the start"
 
 
 def resolve_checkpoint(path) -> Path:
@@ -40,6 +45,62 @@ def _evaluated_in(run_dir: Path) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return [f"{which}.pt"] if which in ("best", "last") else []
+
+
+def _describe_value(node) -> str:
+    if isinstance(node, dict):
+        return f"a {node.get('name', '?')} config" if "name" in node else "a mapping"
+    return "none (plain ERM)" if node is None else repr(node)
+
+
+def _first_difference(key: str, given, saved) -> tuple[str, str, str] | None:
+    """(key, the command line's value, the checkpoint's) of the first leaf where they differ, or None."""
+    if isinstance(given, dict) and isinstance(saved, dict):
+        for sub in sorted(given, key=lambda k: (k != "name", str(k))):  # the name first: it says the most
+            if sub in saved:
+                found = _first_difference(f"{key}.{sub}", given[sub], saved[sub])
+                if found:
+                    return found
+        return None
+    if given == saved:
+        return None
+    if isinstance(given, dict) and "name" in given:
+        return f"{key}.name", repr(given["name"]), _describe_value(saved)
+    return key, _describe_value(given) if isinstance(given, dict) else repr(given), _describe_value(saved)
+
+
+def check_training_keys(cfg, overrides: list[str], saved: dict, path) -> None:
+    """Reject a command-line override of what the checkpoint was trained with (ConfigError, one line)."""
+    from runner.errors import ConfigError
+
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.split(".")[0].split("/")[0] not in TRAINING_KEYS or key in EVAL_MAY_CHANGE:
+            continue
+        key = key.replace("/", ".")
+        given = OmegaConf.select(cfg, key, default=None)
+        given = OmegaConf.to_container(given, resolve=True) if OmegaConf.is_config(given) else given
+        node, present = saved, True
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                present = False
+                break
+            node = node[part]
+        if not present and not override.startswith("+"):  # a key older checkpoints lack: the command's
+            continue
+        found = _first_difference(key, given, node if present else None)
+        if found is None:
+            continue
+        where, value, theirs = found
+        m = saved.get("method") or {}
+        trained = (f"{m.get('name', 'erm') if isinstance(m, dict) else 'erm'}, "
+                   f"{(saved.get('model') or {}).get('name', '?')}, {(saved.get('dataset') or {}).get('name', '?')}")
+        raise ConfigError(
+            f"{where}={value} (from {override!r}) differs from the checkpoint's {theirs}: checkpoint "
+            f"{str(path)!r} holds a model trained as ({trained}), and robust-eval evaluates it with its own "
+            f"training config; drop the override (eval.*, threat.*, device, dataset.data_dir and "
+            f"dataset.download may change)"
+        )
 
 
 def merged_config(cfg, overrides: list[str], saved: dict):
@@ -92,10 +153,26 @@ def prepare(cfg, overrides: list[str]):
         raise checkpoint.CheckpointError(
             f"{str(path)!r} has no model config or weights: not a model checkpoint"
         )
+    check_training_keys(cfg, overrides, state["config"], path)
     cfg = merged_config(cfg, overrides, state["config"])
     check_eval_run(cfg)
     model = check_model_fits(cfg, state, path, dataset_info(cfg.dataset))
     return path, state, cfg, model
+
+
+def reserve_run_dir(path) -> Path:
+    """A new, empty evaluation directory: `path`, or `path-2`, `path-3`... when another evaluation started
+    in the same second already has it (each created atomically: two processes never get the same one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free evaluation directory next to {str(path)!r}")
 
 
 def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
@@ -111,7 +188,8 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
     device = resolve_device(cfg.device)
     tracker = Tracker(run_dir, cfg, log_file="eval.log")
     tracker.status("running")
-    stop = StopRequests()  # SIGTERM/SIGUSR1: stop now, status "interrupted" (rerun to evaluate again)
+    # SIGTERM/SIGUSR1/Ctrl-C: stop now, status "interrupted"; an evaluation starts over when run again
+    stop = StopRequests(hint=NOT_RESUMABLE, immediate="during the evaluation (nothing was saved)")
     exit_code = 1
     try:
         splits = load_splits(cfg.dataset)
@@ -132,7 +210,8 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         return results
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt | RunInterrupted)
-        tracker.status("interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}")
+        tracker.status("interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}",
+                       **({"resume": NOT_RESUMABLE} if interrupted else {}))
         raise
     finally:
         stop.close()

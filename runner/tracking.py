@@ -211,24 +211,30 @@ def lock_run_dir(run_dir: Path):
 
 
 # SIGUSR2 is submitit's time-limit signal: the run checkpoints first, then distributed.requeue_if_submitit
-# hands over to submitit's requeue.
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+# hands over to submitit's requeue. SIGINT (Ctrl-C) is handled the same way: the training loop checkpoints
+# the exact mid-epoch state and stops (exit 130); a second Ctrl-C stops at once.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+SIGNAL_NAMES = {"SIGINT": "Ctrl-C (SIGINT)"}
+RESUME_HINT = "run the same command again to resume"
 
 
 class StopRequests:
-    """SIGTERM, SIGUSR1, SIGUSR2 (SLURM pre-emption, `--signal=USR1@<s>` before the time limit, `kill`) ask
-    the run to stop. Inside `deferred()` (the training loop) the request is recorded and the loop
-    checkpoints at the next step boundary, then stops; elsewhere, or on a second signal, it raises
-    RunInterrupted at once (last.pt from the latest boundary is intact either way).
+    """SIGTERM, SIGUSR1, SIGUSR2 (SLURM pre-emption, `--signal=USR1@<s>` before the time limit, `kill`) and
+    SIGINT (Ctrl-C) ask the run to stop. Inside `deferred()` (the training loop) the request is recorded
+    and the loop checkpoints at the next step boundary, then stops; elsewhere, or on a second signal, it
+    raises RunInterrupted at once (last.pt from the latest boundary is intact either way).
 
-    Handlers are installed only from the main thread and restored by `close()`.
+    `hint` ends every message (what the user can do next); `immediate` says where a stop outside the
+    deferred scope happened. Handlers are installed only from the main thread and restored by `close()`.
     """
 
-    def __init__(self):
+    def __init__(self, hint: str = RESUME_HINT, immediate: str = "before the next checkpoint"):
         import signal
         import threading
 
         self.signum = None
+        self.hint = hint
+        self.immediate = immediate
         self._deferring = False
         self._previous = {}
         if threading.current_thread() is not threading.main_thread():
@@ -242,7 +248,7 @@ class StopRequests:
         first = self.signum is None
         self.signum = signum
         if not (self._deferring and first):
-            raise self.interrupted("before the next checkpoint")
+            raise self.interrupted(self.immediate)
 
     @property
     def requested(self) -> bool:
@@ -254,7 +260,7 @@ class StopRequests:
         from runner.errors import RunInterrupted
 
         name = signal.Signals(self.signum).name
-        return RunInterrupted(self.signum, f"stopped by {name} {where}; run the same command again to resume")
+        return RunInterrupted(self.signum, f"stopped by {SIGNAL_NAMES.get(name, name)} {where}; {self.hint}")
 
     def deferred(self):
         import contextlib
@@ -275,6 +281,38 @@ class StopRequests:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
+
+
+# What an evaluation writes into the run directory (results.json, report.md and the report's plots).
+RESULT_FILES = ("results.json", "report.md", "*.png")
+
+
+def keep_earlier_results(run_dir: Path, say=None) -> Path | None:
+    """Before a run directory's evaluation is written again (a finished run rerun with another eval suite:
+    eval keys are not part of the run name), move the earlier results.json, report.md and plots to
+    `earlier/<time they were written>/` (the report's image links still work there). Returns that folder
+    and tells `say` (e.g. tracker.info) in one line; None when there was nothing to keep."""
+    run_dir = Path(run_dir)
+    results = run_dir / "results.json"
+    if not results.exists():
+        return None
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(results.stat().st_mtime))
+    earlier = run_dir / "earlier" / stamp
+    for n in range(2, 10_000):
+        try:
+            earlier.mkdir(parents=True, exist_ok=False)
+            break
+        except FileExistsError:
+            earlier = run_dir / "earlier" / f"{stamp}-{n}"
+    moved = []
+    for pattern in RESULT_FILES:
+        for path in sorted(run_dir.glob(pattern)):
+            if path.is_file():
+                os.replace(path, earlier / path.name)
+                moved.append(path.name)
+    if say is not None:
+        say(f"kept the earlier evaluation ({', '.join(moved)}) in {earlier}")
+    return earlier
 
 
 def run_environment(cfg) -> dict:

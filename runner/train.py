@@ -26,7 +26,14 @@ from runner.methods import build_method, method_name
 from runner.methods.base import StepContext
 from runner.models import build_model
 from runner.optim import build_optimizer, build_scheduler
-from runner.tracking import StopRequests, Tracker, lock_run_dir, run_environment, write_json
+from runner.tracking import (
+    StopRequests,
+    Tracker,
+    keep_earlier_results,
+    lock_run_dir,
+    run_environment,
+    write_json,
+)
 from runner.update import build_update
 from runner.validation import check_device, check_run, check_writable_dir
 
@@ -302,6 +309,7 @@ def run(cfg, run_dir: Path) -> dict:
             if which == "best":
                 evaluated_epoch = saved.get("epoch")
                 source = f"best.pt, epoch {evaluated_epoch}: the best validation score ({method.select_on})"
+        keep_earlier_results(run_dir, tracker.info)  # a rerun with another eval suite loses nothing
         tracker.info(f"evaluating {source} with suite '{cfg.eval.name}'")
         results = {
             "run": run_summary(cfg),

@@ -69,21 +69,25 @@ def check_device(name: str) -> None:
 
 def check_threat(cfg) -> None:
     """threat.eps is in [0, 1] pixel units; an L2 ball is bounded by the diameter of the image box."""
-    norm, eps = cfg.threat.norm, cfg.threat.eps
-    _choice("threat.norm", norm, NORMS)
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
-        _fail("threat.eps", eps, "must be a finite number >= 0 (pixel units, images in [0, 1])")
+    _choice("threat.norm", cfg.threat.norm, NORMS)
+    check_eps("threat.eps", cfg.threat.norm, cfg.threat.eps, cfg.dataset)
+
+
+def check_eps(key: str, norm: str, eps, dataset) -> None:
+    """One radius in pixel units under `norm` (threat.eps, or an evaluator's own eps)."""
+    if isinstance(eps, bool) or not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
+        _fail(key, eps, "must be a finite number >= 0 (pixel units, images in [0, 1])")
     if norm == "linf" and eps > 1:
         hint = f"; did you mean {eps:g}/255 = {eps / 255:.5g}?" if eps <= 255 else ""
-        _fail("threat.eps", eps, f"an linf radius is in [0, 1] pixel units (images are in [0, 1]){hint}")
+        _fail(key, eps, f"an linf radius is in [0, 1] pixel units (images are in [0, 1]){hint}")
     if norm == "l2":
         from runner.data import INFO, dataset_info
 
-        if cfg.dataset.name in INFO or cfg.dataset.name == "synthetic":
-            info = dataset_info(cfg.dataset)
+        if dataset.name in INFO or dataset.name == "synthetic":
+            info = dataset_info(dataset)
             diameter = math.sqrt(info.channels * info.image_size**2)
             if eps > diameter:
-                _fail("threat.eps", eps, f"larger than the diameter {diameter:.4g} of the [0, 1] image box")
+                _fail(key, eps, f"larger than the diameter {diameter:.4g} of the [0, 1] image box")
 
 
 def check_dataset(d) -> None:
@@ -98,6 +102,9 @@ def check_dataset(d) -> None:
     _at_least("dataset.test_size", d.test_size, 0)
     _choice("dataset.augment", d.augment, AUGMENTS)
     _at_least("dataset.crop_padding", d.crop_padding, 0)
+    if d.val_size == 0:
+        _fail("dataset.val_size", d.val_size, "training needs a validation split (per-epoch validation and best.pt "
+              "selection): use at least one image per class, e.g. dataset.val_size=150")
     _fraction("dataset.label_noise", d.label_noise)
     _choice("dataset.label_noise_kind", d.label_noise_kind, LABEL_NOISE_KINDS)
     if d.name == "synthetic":
@@ -105,6 +112,92 @@ def check_dataset(d) -> None:
         _at_least("dataset.num_classes", d.num_classes, 2)
         _at_least("dataset.channels", d.channels, 1)
         _at_least("dataset.image_size", d.image_size, 1)
+    from runner.data import dataset_info
+
+    if d.name in INFO or d.name == "synthetic":
+        size = dataset_info(d).image_size
+        if d.augment != "none" and d.crop_padding >= size:
+            _fail("dataset.crop_padding", d.crop_padding, f"must be smaller than the image size ({size}) for "
+                  f"dataset.augment={d.augment}")
+    check_split_sizes(d)
+
+
+# Training-set sizes of the torchvision datasets (what dataset.val_size is cut from).
+TRAIN_SIZES = {"mnist": 60000, "fashion_mnist": 60000, "cifar10": 50000, "cifar100": 50000, "svhn": 73257}
+
+
+def _split_sizes_fail(key: str, value, n: int, k: int, what: str) -> None:
+    if value >= n:
+        _fail(key, value, f"{what} has only {n} images; it must be smaller")
+    if value < k:
+        _fail(key, value, f"the split is stratified: it needs at least one image per class ({k} classes)")
+    if n - value < k:
+        _fail(key, value, f"leaves {n - value} of the {n} images of {what}, fewer than the {k} classes")
+
+
+def check_split_sizes(d) -> None:
+    """dataset.test_size / val_size / n_samples that the data can satisfy, checked on the labels alone
+    (the splits are stratified: every class needs members on both sides of each cut)."""
+    import numpy as np
+
+    from runner.data import INFO, dataset_info
+
+    if d.name == "synthetic":
+        k = d.num_classes
+        if d.n_samples < 2 * k:
+            _fail("dataset.n_samples", d.n_samples, f"too few for {k} classes: the stratified test and validation "
+                  f"splits need at least two images of each class (>= {2 * k}; a few hundred to learn anything)")
+        labels = np.arange(d.n_samples) % k
+    elif d.name == "digits":
+        from sklearn.datasets import load_digits
+
+        labels = load_digits().target
+    elif d.name in TRAIN_SIZES:
+        k = INFO[d.name].num_classes
+        if d.val_size:
+            _split_sizes_fail("dataset.val_size", d.val_size, TRAIN_SIZES[d.name], k,
+                              f"the training set of {d.name}")
+        return
+    else:
+        return
+    k = dataset_info(d).num_classes if d.name != "synthetic" else d.num_classes
+    if d.test_size:
+        _split_sizes_fail("dataset.test_size", d.test_size, len(labels), k, f"dataset {d.name}")
+        from sklearn.model_selection import train_test_split
+
+        try:
+            labels, _ = train_test_split(labels, test_size=d.test_size, stratify=labels, random_state=0)
+        except ValueError as err:
+            _fail("dataset.test_size", d.test_size, f"cannot cut a stratified test split from {d.name}: "
+                  f"{' '.join(str(err).split())}")
+    if d.val_size:
+        if np.bincount(labels, minlength=k).min() < 2:
+            _fail("dataset.n_samples" if d.name == "synthetic" else "dataset.test_size",
+                  d.n_samples if d.name == "synthetic" else d.test_size,
+                  "leaves a class with fewer than two training images: the validation split cannot be cut")
+        _split_sizes_fail("dataset.val_size", d.val_size, len(labels), k,
+                          f"the training part of {d.name} (after dataset.test_size={d.test_size})")
+
+
+def check_model_fits_data(cfg) -> None:
+    """The model takes the dataset's images: built on the meta device (no memory, no weights), so an image
+    too small for its convolutions fails here, in one line, and not after the data is loaded."""
+    import torch
+
+    from runner.data import INFO, dataset_info
+    from runner.models import build_model
+
+    if cfg.dataset.name not in INFO and cfg.dataset.name != "synthetic":
+        return
+    info = dataset_info(cfg.dataset)
+    try:
+        with torch.device("meta"):
+            build_model(cfg.model, info)
+    except (RuntimeError, ValueError) as err:
+        detail = " ".join(str(err).split())[:200]
+        _fail("model.name", cfg.model.name, f"cannot take the {info.channels}x{info.image_size}x{info.image_size} "
+              f"images of dataset.name={cfg.dataset.name!r} ({detail}); use a larger dataset.image_size or "
+              f"another model (model=mlp takes any size)")
 
 
 def check_model(m) -> None:
@@ -157,8 +250,20 @@ def check_method(cfg) -> None:
         return
     if method.get("rho") is not None:
         _positive("method.rho", method.rho)
+    if not method.get("sam", False):
+        for key, default in (("rho", None), ("adaptive", False)):
+            if method.get(key, default) != default:
+                _fail(f"method.{key}", method.get(key), f"has no effect: SAM is off for method={method.name} "
+                      f"(method.sam=false); turn it on with method.sam=true, or use +method=sam")
+    for key in ("kappa_start", "kappa_end"):
+        if method.get(key) is not None:
+            _fraction(f"method.{key}", method.get(key), closed_high=True)
+    if "val_batch_size" in method:
+        _at_least("method.val_batch_size", method.val_batch_size, 1, "a positive batch size")
     attack = method.get("attack")
     if attack is not None:
+        _at_least("method.attack.eps_factor", attack.eps_factor, 0, ">= 0 (the training radius is "
+                  "eps_factor x threat.eps)")
         _at_least("method.attack.steps", attack.steps, 0)
         _at_least("method.attack.restarts", attack.restarts, 1)
         if attack.alpha is not None:
@@ -178,9 +283,35 @@ def check_eval(cfg) -> None:
     for i, spec in enumerate(e.evaluators):
         if not hasattr(spec, "get") or not spec.get("name"):
             _fail(f"eval.evaluators[{i}]", spec, "each evaluator is a mapping with a name, e.g. {name: pgd}")
+        check_evaluator_eps(cfg, i, spec)
     from runner.evaluate import build_evaluators
 
     build_evaluators(cfg)  # unknown evaluators and keys fail now, not after training
+
+
+def check_evaluator_eps(cfg, i: int, spec) -> None:
+    """An evaluator's own eps (a number, "k/255" or a list) and eps_factors follow threat.eps's rules."""
+    from omegaconf import OmegaConf
+
+    from runner.evaluators.pgd import requested_eps
+
+    spec = OmegaConf.to_container(spec, resolve=True) if OmegaConf.is_config(spec) else dict(spec)
+    if spec.get("eps") is None and not spec.get("eps_factors"):
+        return
+    norm = spec.get("norm") or cfg.threat.norm
+    if norm not in NORMS:
+        return  # the evaluator itself names a bad norm
+    try:
+        values, factors = requested_eps(spec, spec["name"])
+    except ValueError:
+        return  # the evaluator's constructor says what is wrong
+    key = f"eval.evaluators[{i}].eps"
+    for value in values:
+        check_eps(key, norm, value, cfg.dataset)
+    if norm == cfg.threat.norm:
+        for factor in factors:
+            check_eps(f"eval.evaluators[{i}].eps_factors ({factor:g} x threat.eps)", norm,
+                      factor * cfg.threat.eps, cfg.dataset)
 
 
 def check_logger(lg) -> None:
@@ -230,6 +361,7 @@ def check_run(cfg) -> None:
     check_dataset(cfg.dataset)
     check_threat(cfg)
     check_model(cfg.model)
+    check_model_fits_data(cfg)
     check_train(cfg.train)
     check_optimization(cfg.optimizer, cfg.scheduler)
     check_logger(cfg.logger)
@@ -264,6 +396,9 @@ def check_eval_run(cfg) -> None:
 
 def check_writable_dir(path, key: str = "hydra.run.dir") -> None:
     """The directory exists and is writable, or can be created: checked without writing anything."""
+    if path is None or not str(path).strip():
+        _fail(key, "" if path is None else str(path), "must be a directory path (empty would write the run into "
+              "the current directory)")
     path = Path(path).expanduser().absolute()
     probe = path
     while not probe.exists():
@@ -285,7 +420,9 @@ def _config_error(err: Exception) -> ConfigError:
 
 # ---- pre-flight: the command line as Hydra will compose it, before Hydra writes the run directory ----
 
-def _compose(overrides: list[str], config_name: str):
+def _compose(overrides: list[str], config_name: str, sweep: bool = False):
+    """(the config without its hydra node, the run directory; with `sweep`, the sweep directory and the
+    hydra node's sweeper settings too)."""
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
@@ -297,12 +434,13 @@ def _compose(overrides: list[str], config_name: str):
     with initialize_config_module(config_module="runner.configs", version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a real run
-        run_dir = cfg.hydra.run.dir
+        run_dir = cfg.hydra.sweep.dir if sweep else cfg.hydra.run.dir
+        sweeper = cfg.hydra.sweeper
         from omegaconf import open_dict
 
         with open_dict(cfg):
             del cfg["hydra"]
-        return cfg, run_dir
+        return (cfg, run_dir, sweeper) if sweep else (cfg, run_dir)
 
 
 def preflight_train(overrides: list[str], config_name: str = "train") -> None:
@@ -311,10 +449,66 @@ def preflight_train(overrides: list[str], config_name: str = "train") -> None:
     check_run(cfg)
 
 
-def preflight_eval(overrides: list[str], config_name: str = "eval") -> None:
+def preflight_eval(overrides: list[str], config_name: str = "eval") -> str:
+    """Checks as `preflight_train`; returns the run directory Hydra would use."""
     from runner.reevaluate import prepare
 
     cfg, run_dir = _compose(overrides, config_name)
     check_eval_command(cfg)
     check_writable_dir(run_dir, "hydra.run.dir")
     prepare(cfg, [o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
+    return run_dir
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def sweep_jobs(overrides: list[str], params: dict | None = None) -> tuple[list[list[str]], set[str]]:
+    """The override list of every job a `-m` command line launches with Hydra's basic sweeper (the cartesian
+    product of the sweep overrides, `hydra.sweeper.params` first), and the keys the sweep varies."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    arguments = [f"{k}={v}" for k, v in (params or {}).items()] + list(overrides)
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    swept = {o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()}
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], swept
+
+
+def preflight_sweep(overrides: list[str], config_name: str = "train") -> None:
+    """Every job of a `-m` sweep composed and checked as `preflight_train` / `preflight_eval` check a single
+    run, before the sweeper writes anything (multirun.yaml included) or launches a job: a bad value in
+    any job fails the whole sweep up front, naming the job. Other sweepers than Hydra's basic one are left
+    to check their jobs as they start."""
+    from omegaconf import OmegaConf
+
+    from runner.errors import describe
+
+    jobs, swept = sweep_jobs(overrides)
+    if not jobs:
+        return
+    _, _, sweeper = _compose(jobs[0], config_name, sweep=True)
+    if sweeper.get("_target_") != BASIC_SWEEPER:
+        return
+    params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
+    if params:
+        jobs, swept = sweep_jobs(overrides, params)
+    for number, job in enumerate(jobs, 1):
+        try:
+            cfg, sweep_dir, _ = _compose(job, config_name, sweep=True)
+            if number == 1:
+                check_writable_dir(sweep_dir, "hydra.sweep.dir")
+            if config_name == "eval":
+                from runner.reevaluate import prepare
+
+                check_eval_command(cfg)
+                prepare(cfg, [o for o in job if not o.startswith(("hydra.", "hydra/"))])
+            else:
+                check_run(cfg)
+        except Exception as err:  # noqa: BLE001 - a bug (no one-line description) keeps its traceback
+            message = describe(err)
+            if message is None or len(jobs) == 1:
+                raise
+            varied = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
+            raise ConfigError(f"sweep job {number} of {len(jobs)} ({varied or 'no swept keys'}): {message}; "
+                              f"no job was launched") from None

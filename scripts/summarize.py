@@ -31,7 +31,9 @@ LABEL_FIELDS = ["dataset", "model", "threat", "label_noise"]
 
 
 def find_results(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("results.json") if p.is_file())
+    """Every results.json below root, except the earlier evaluations a run directory keeps in
+    `earlier/<time>/` (a finished run evaluated again with another suite: the newest one is the run's)."""
+    return sorted(p for p in root.rglob("results.json") if p.is_file() and p.parent.parent.name != "earlier")
 
 
 def describe(value) -> str:
@@ -52,12 +54,17 @@ def load_runs(root: Path) -> tuple[list[dict], list[str]]:
         except (OSError, json.JSONDecodeError) as err:
             notes.append(f"skipped {path}: unreadable ({err})")
             continue
+        if not isinstance(results, dict):
+            notes.append(f"skipped {path}: not a JSON object (a {type(results).__name__})")
+            continue
         run = results.get("run")
         if not isinstance(run, dict) or "method" not in run:
             notes.append(f"skipped {path}: no 'run' section with a method")
             continue
+        metrics = results.get("metrics")
         runs.append(
-            {"path": path, "run": run, "metrics": results.get("metrics", {}), "mtime": path.stat().st_mtime}
+            {"path": path, "run": run, "metrics": metrics if isinstance(metrics, dict) else {},
+             "mtime": path.stat().st_mtime}
         )
     return runs, notes
 
@@ -304,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.root.is_dir():
         print(f"summarize: {args.root} is not a directory", file=sys.stderr)
         return 2
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        print(f"summarize: --out {args.out} is a file, not a directory: give a directory to write into",
+              file=sys.stderr)
+        return 2
     runs, notes = load_runs(args.root)
     if not runs:
         print(f"summarize: no results.json with a 'run' section under {args.root}", file=sys.stderr)
@@ -311,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = choose_metrics(runs, args.metrics.split(",") if args.metrics else None)
     groups, duplicate_notes = group_runs(runs)
     rows = summarise(groups, metrics)
+    if args.paired and not any(split_label(label)[0] == args.paired for label in groups):
+        methods = sorted({split_label(label)[0] for label in groups})  # checked before anything is written
+        print(f"summarize: --paired {args.paired}: no such method among the runs {methods}", file=sys.stderr)
+        return 2
     out = args.out or args.root
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, metrics, args.root, notes + duplicate_notes)
@@ -319,10 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     robust_key = write_tradeoff(out / "tradeoff.png", rows, groups)
     print(text, end="")
     if args.paired:
-        if not any(split_label(label)[0] == args.paired for label in groups):
-            methods = sorted({split_label(label)[0] for label in groups})
-            print(f"summarize: --paired {args.paired}: no such method among the runs {methods}", file=sys.stderr)
-            return 2
         paired = paired_differences(groups, metrics, args.paired)
         paired_text = paired_markdown(paired, metrics, args.paired)
         (out / "paired.md").write_text(paired_text)

@@ -79,3 +79,49 @@ def test_typos_and_wrong_types_fail_naming_the_key(compose_cfg, overrides, named
     with pytest.raises((HydraException, OmegaConfBaseException)) as info:
         compose_cfg(*overrides)
     assert named in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, named",
+    [
+        (["+method=at", "method.attack.eps_factor=-1"], "method.attack.eps_factor"),
+        (["+method=ibp", "method.kappa_start=1.5"], "method.kappa_start"),
+        (["+method=ibp", "method.kappa_end=-0.1"], "method.kappa_end"),
+        (["+method=erm", "method.rho=0.5"], "method.sam=true"),
+        (["+method=at", "method.adaptive=true"], "SAM is off"),
+        (["eval.evaluators=[{name: pgd, eps: 2}]"], "eval.evaluators[0].eps"),
+        (["eval.evaluators=[{name: pgd, eps: [0.1, 3]}]"], "eval.evaluators[0].eps"),
+        (["dataset.augment=crop", "dataset.crop_padding=8"], "dataset.crop_padding"),
+        (["dataset.crop_padding=-1"], "dataset.crop_padding"),
+        (["dataset.val_size=0"], "dataset.val_size"),
+        (["+method=ibp", "method.val_batch_size=0"], "method.val_batch_size"),
+        (["+method=crown_ibp", "method.val_batch_size=-5"], "method.val_batch_size"),
+        (["dataset.test_size=5000"], "dataset.test_size"),
+        (["dataset=synthetic", "dataset.n_samples=5"], "dataset.n_samples"),
+        (["dataset=synthetic", "dataset.n_samples=100"], "dataset.test_size"),
+        (["dataset=synthetic", "dataset.image_size=2", "model=cnn_small"], "dataset.image_size"),
+    ],
+)
+def test_bad_values_fail_before_the_run_naming_the_key(compose_cfg, overrides, named):
+    from runner.errors import ConfigError
+    from runner.validation import check_run
+
+    with pytest.raises(ConfigError) as info:
+        check_run(compose_cfg(*overrides))
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [["+method=sam", "method.rho=0.3"], ["+method=at", "method.sam=true",
+                                        "method.adaptive=true"], ["eval.evaluators=[{name: pgd, eps: 0.2}]"]])
+def test_good_values_pass(compose_cfg, overrides):
+    from runner.validation import check_run
+
+    check_run(compose_cfg(*overrides))
+
+
+def test_an_empty_run_dir_is_rejected():
+    from runner.errors import ConfigError
+    from runner.validation import check_writable_dir
+
+    with pytest.raises(ConfigError, match="hydra.run.dir"):
+        check_writable_dir("", "hydra.run.dir")

@@ -226,3 +226,40 @@ def test_describe_leaves_bugs_alone():
 
     assert describe(TypeError("unsupported operand")) is None
     assert describe(KeyError("x")) is None
+
+
+def test_a_missing_torchvision_dataset_is_one_line_naming_where_the_files_go(tmp_path):
+    from runner.data import DatasetUnavailable
+    from runner.errors import describe
+
+    torchvision_text = ("Error downloading train-images-idx3-ubyte.gz:\nTried https://example/mnist/, got:\n"
+                        "<urlopen error [Errno -2] Name or service not known>\n")
+    err = DatasetUnavailable(f"dataset 'mnist' was not found under dataset.data_dir='{tmp_path}' (download "
+                             f"failed: RuntimeError: {torchvision_text}). Download it on a machine with internet")
+    line = describe(err)
+    assert "\n" not in line and "urlopen" not in line and "no network" in line
+    assert f"{tmp_path}/MNIST/raw/" in line and "dataset.data_dir" in line
+
+
+def test_plus_method_over_a_preset_says_what_to_type(compose_cfg):
+    from hydra.errors import HydraException
+
+    from runner.errors import describe
+
+    with pytest.raises(HydraException) as info:
+        compose_cfg("experiment=cifar10_at", "+method=trades")
+    line = describe(info.value)
+    assert "method=trades" in line and "without the '+'" in line and "override method" not in line
+
+
+def test_a_damaged_last_checkpoint_hints_resume_never_without_torchs_advice():
+    from runner.checkpoint import CheckpointError
+    from runner.errors import describe
+
+    err = CheckpointError("'/r/checkpoints/last.pt' is not a readable robust-train checkpoint (truncated or not a "
+                          "checkpoint): UnpicklingError: Weights only load failed. In PyTorch 2.6, we changed the "
+                          "default value of the `weights_only` argument. Re-running `torch.load` with `weights_only` "
+                          "set to `False` will likely succeed")
+    line = describe(err, "robust-train")
+    assert "weights_only" not in line and "resume=never" in line
+    assert "resume=never" not in describe(err, "robust-eval")

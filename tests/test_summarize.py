@@ -137,3 +137,34 @@ def test_paired_pairs_within_a_setting_and_names_a_missing_baseline(summarize, t
     capsys.readouterr()
     assert summarize.main([str(tmp_path), "--paired", "at"]) == 2
     assert "no such method" in capsys.readouterr().err
+
+
+def test_a_json_list_is_skipped_with_a_note(summarize, tmp_path, capsys):
+    write_run(tmp_path, "r", "erm", 0, {"clean/acc": 0.9})
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "results.json").write_text("[1, 2]")
+    assert summarize.main([str(tmp_path)]) == 0
+    assert "not a JSON object" in (tmp_path / "summary.md").read_text()
+
+
+def test_an_unknown_paired_method_writes_nothing(summarize, tmp_path, capsys):
+    write_run(tmp_path, "r", "erm", 0, {"clean/acc": 0.9})
+    (tmp_path / "summary.md").write_text("earlier")
+    assert summarize.main([str(tmp_path), "--paired", "foo"]) == 2
+    assert "no such method" in capsys.readouterr().err
+    assert (tmp_path / "summary.md").read_text() == "earlier"
+    assert not (tmp_path / "summary.csv").exists() and not (tmp_path / "tradeoff.png").exists()
+
+
+def test_out_naming_a_file_is_a_clear_error(summarize, tmp_path, capsys):
+    write_run(tmp_path, "r", "erm", 0, {"clean/acc": 0.9})
+    (tmp_path / "file.txt").write_text("")
+    assert summarize.main([str(tmp_path), "--out", str(tmp_path / "file.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_earlier_evaluations_kept_in_a_run_dir_are_not_counted(summarize, tmp_path, capsys):
+    write_run(tmp_path, "r", "erm", 0, {"clean/acc": 0.9})
+    write_run(tmp_path / "r" / "earlier", "2024-01-01_00-00-00", "erm", 0, {"clean/acc": 0.1})
+    assert summarize.main([str(tmp_path)]) == 0
+    assert "0.1000" not in (tmp_path / "summary.md").read_text()

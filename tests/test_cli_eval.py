@@ -1,0 +1,97 @@
+"""robust-eval: a directory of its own even when two evaluations start in the same second, the checkpoint's
+training keys cannot be overridden, and a stopped evaluation says it starts over rather than resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import runner.cli  # noqa: F401 - registers the resolvers the eval config uses
+from runner import checkpoint
+from runner.config import compose
+from runner.data import dataset_info
+from runner.errors import ConfigError, RunInterrupted
+from runner.models import build_model
+from runner.reevaluate import prepare, reevaluate, reserve_run_dir
+from runner.train import model_checkpoint
+
+CLEAN_ONLY = "eval.evaluators=[{name: clean}]"
+
+
+@pytest.fixture(scope="module")
+def erm_checkpoint(tmp_path_factory) -> Path:
+    cfg = compose(["model=mlp", "model.hidden=[16]"])
+    path = tmp_path_factory.mktemp("ckpt") / "erm.pt"
+    checkpoint.save(model_checkpoint(cfg, build_model(cfg.model, dataset_info(cfg.dataset)), {"epoch": 1}), path)
+    return path
+
+
+def test_reserve_run_dir_never_hands_out_a_directory_twice(tmp_path):
+    first = reserve_run_dir(tmp_path / "evals" / "2024-01-01_00-00-00")
+    second = reserve_run_dir(first)
+    assert first.name == "2024-01-01_00-00-00" and second.name == "2024-01-01_00-00-00-2"
+    assert first.is_dir() and second.is_dir()
+
+
+CHILD = """
+import sys
+import runner.validation as v
+original = v.preflight_eval
+def taken(*args, **kwargs):  # another evaluation started in the same second and holds the directory
+    run_dir = original(*args, **kwargs)
+    import pathlib
+    pathlib.Path(run_dir).mkdir(parents=True)
+    (pathlib.Path(run_dir) / "results.json").write_text("theirs")
+    print("TAKEN", run_dir, file=sys.stderr)
+    return run_dir
+v.preflight_eval = taken
+sys.argv = ["robust-eval", *sys.argv[1:]]
+from runner.cli import eval_main
+eval_main()
+"""
+
+
+def test_two_evaluations_in_the_same_second_get_a_directory_each(tmp_path, erm_checkpoint):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    out = subprocess.run([sys.executable, "-c", CHILD, f"ckpt={erm_checkpoint}", CLEAN_ONLY, "device=cpu"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    taken = tmp_path / next(line.split()[1] for line in out.stderr.splitlines() if line.startswith("TAKEN"))
+    assert (taken / "results.json").read_text() == "theirs"
+    mine = taken.with_name(taken.name + "-2")
+    assert json.loads((mine / "results.json").read_text())["metrics"]["clean/acc"] >= 0
+
+
+@pytest.mark.parametrize("override, named", [("+method=at", "method.name='at'"), ("model=cnn_small", "model.name"),
+                                             ("dataset.test_size=100", "dataset.test_size"), ("seed=3", "seed")])
+def test_training_keys_come_from_the_checkpoint(erm_checkpoint, override, named):
+    overrides = [f"ckpt={erm_checkpoint}", override]
+    with pytest.raises(ConfigError) as info:
+        prepare(compose(overrides, config_name="eval"), overrides)
+    assert named in str(info.value) and "erm, mlp, digits" in str(info.value)
+
+
+def test_evaluation_keys_may_change(erm_checkpoint, tmp_path):
+    overrides = [f"ckpt={erm_checkpoint}", "threat.eps=0.05", f"dataset.data_dir={tmp_path}", CLEAN_ONLY]
+    _, _, cfg, _ = prepare(compose(overrides, config_name="eval"), overrides)
+    assert cfg.threat.eps == 0.05 and cfg.model.name == "mlp"
+
+
+def test_a_stopped_evaluation_does_not_promise_a_resume(erm_checkpoint, tmp_path, monkeypatch):
+    import runner.reevaluate
+
+    def evaluate_and_get_stopped(*args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("not stopped")
+
+    monkeypatch.setattr(runner.reevaluate, "evaluate", evaluate_and_get_stopped)
+    overrides = [f"ckpt={erm_checkpoint}", CLEAN_ONLY, "device=cpu"]
+    with pytest.raises(RunInterrupted) as info:
+        reevaluate(compose(overrides, config_name="eval"), overrides, tmp_path / "run")
+    assert "does not resume" in str(info.value) and "to resume" not in str(info.value)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["status"] == "interrupted" and "does not resume" in status["resume"]

@@ -1,0 +1,25 @@
+"""A finished run evaluated again (another eval suite: the same run directory) keeps the earlier results."""
+
+from runner.tracking import keep_earlier_results
+
+
+def test_earlier_results_report_and_plots_are_kept(tmp_path):
+    (tmp_path / "results.json").write_text('{"suite": "quick"}')
+    (tmp_path / "report.md").write_text("![curve](robustness_curve.png)")
+    (tmp_path / "robustness_curve.png").write_bytes(b"png")
+    (tmp_path / "train.log").write_text("log")
+    said = []
+    earlier = keep_earlier_results(tmp_path, said.append)
+    assert earlier.parent == tmp_path / "earlier"
+    assert (earlier / "results.json").read_text() == '{"suite": "quick"}'
+    assert (earlier / "report.md").exists() and (earlier / "robustness_curve.png").exists()
+    assert not (tmp_path / "results.json").exists() and (tmp_path / "train.log").exists()
+    assert len(said) == 1 and str(earlier) in said[0]
+    (tmp_path / "results.json").write_text('{"suite": "full"}')  # a third evaluation, written in the same second
+    again = keep_earlier_results(tmp_path)
+    assert again != earlier and (again / "results.json").read_text() == '{"suite": "full"}'
+
+
+def test_nothing_to_keep_on_a_first_evaluation(tmp_path):
+    assert keep_earlier_results(tmp_path) is None
+    assert not (tmp_path / "earlier").exists()

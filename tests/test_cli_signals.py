@@ -1,0 +1,75 @@
+"""Ctrl-C: during training it checkpoints the exact mid-epoch state like SIGTERM/SIGUSR1 (exit 130), says
+why it stopped, and while the console script is still importing it is one line and exit 130."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from runner import checkpoint
+from runner.config import compose
+from runner.errors import RunInterrupted
+
+
+def small_config():
+    return compose(["model=mlp", "model.hidden=[16]", "train.epochs=1", "train.batch_size=256", "eval=none",
+                    "device=cpu", "train.progress=plain"])
+
+
+def test_ctrl_c_in_training_checkpoints_mid_epoch(tmp_path, monkeypatch):
+    import runner.train
+
+    build = runner.train.build_method
+    calls = {"n": 0}
+
+    def build_signalling(cfg):
+        method = build(cfg)
+        loss = method.loss
+
+        def loss_and_ctrl_c(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                os.kill(os.getpid(), signal.SIGINT)
+            return loss(*args, **kwargs)
+
+        method.loss = loss_and_ctrl_c
+        return method
+
+    monkeypatch.setattr(runner.train, "build_method", build_signalling)
+    with pytest.raises(RunInterrupted) as stopped:
+        runner.train.run(small_config(), tmp_path)
+    assert stopped.value.signum == signal.SIGINT and 128 + stopped.value.signum == 130
+    assert "Ctrl-C" in str(stopped.value) and "checkpointed" in str(stopped.value)
+    state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
+    assert (state["epoch"], state["batch"], state["step"]) == (0, 2, 2)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "interrupted" and "Ctrl-C" in status["error"]
+    assert "interrupted: stopped by Ctrl-C" in (tmp_path / "train.log").read_text()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from runner.tracking import StopRequests
+
+    stop = StopRequests()
+    try:
+        with stop.deferred():
+            signal.raise_signal(signal.SIGINT)  # recorded for the next step boundary
+            assert stop.requested
+            with pytest.raises(RunInterrupted, match="Ctrl-C"):
+                signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.close()
+
+
+def test_ctrl_c_while_the_console_script_starts_is_one_line(tmp_path):
+    """The handler the console script has while importing torch and Hydra (before `_main`)."""
+    code = ("import os, signal, sys, time; sys.argv = ['robust-train']; import runner.cli; "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(60)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 130, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == ["robust-train: interrupted (Ctrl-C) while starting; nothing was written"], out.stderr

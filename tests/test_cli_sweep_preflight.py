@@ -1,0 +1,51 @@
+"""`robust-train -m`: every job's composed config is checked before any job starts or the sweeper writes
+multirun.yaml, so a bad value fails the whole sweep up front with one line naming the job and the key."""
+
+import sys
+
+import pytest
+
+import runner.cli
+from runner.validation import preflight_sweep, sweep_jobs
+
+
+def run_cli(monkeypatch, tmp_path, capsys, *argv) -> tuple[int, str]:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setattr(sys, "argv", ["robust-train", *argv])
+    with pytest.raises(SystemExit) as exited:
+        runner.cli.train_main()
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_sweep_jobs_are_the_cartesian_product():
+    jobs, swept = sweep_jobs(["train.epochs=1", "seed=0,1", "+method=erm,at"])
+    assert len(jobs) == 4 and swept == {"seed", "method"}
+    assert all("train.epochs=1" in job for job in jobs)
+
+
+def test_a_good_sweep_passes_the_preflight():
+    preflight_sweep(["train.epochs=1", "eval=none", "seed=0,1"])
+
+
+def test_a_bad_value_in_one_job_fails_the_sweep_before_any_job(monkeypatch, tmp_path, capsys):
+    code, err = run_cli(monkeypatch, tmp_path, capsys, "-m", "train.epochs=1", "eval=none", "threat.eps=0.05,2")
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert "sweep job 2 of 2 (threat.eps=2)" in lines[0] and "threat.eps" in lines[0]
+    assert not (tmp_path / "outputs").exists()  # the good job did not train either
+
+
+def test_a_sweep_failing_at_composition_keeps_the_old_multirun_yaml(monkeypatch, tmp_path, capsys):
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text("earlier sweep\n")
+    code, err = run_cli(monkeypatch, tmp_path, capsys, "-m", f"hydra.sweep.dir={sweep_dir}", "eval=none",
+                        "model=mlp,resnet9000")
+    assert code == 1 and "model=resnet9000" in err and "Traceback" not in err
+    assert (sweep_dir / "multirun.yaml").read_text() == "earlier sweep\n"
+
+
+def test_an_empty_sweep_dir_is_rejected(monkeypatch, tmp_path, capsys):
+    code, err = run_cli(monkeypatch, tmp_path, capsys, "-m", "hydra.sweep.dir=", "seed=0,1")
+    assert code == 1 and "hydra.sweep.dir" in err, err
