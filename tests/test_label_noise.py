@@ -66,3 +66,40 @@ def test_bad_input_names_the_key(kwargs, key):
     args = {"y": labels(n=20), "fraction": 0.2, "kind": "symmetric", "num_classes": 10, "seed": 0} | kwargs
     with pytest.raises(ValueError, match=key):
         corrupt_labels(**args)
+
+
+# ---- the loaded splits: what a run trains and is validated / evaluated on ----------------------------
+
+def splits(noise=0.0, kind="symmetric", seed=0):
+    from runner.config import compose
+    from runner.data import load_splits
+
+    cfg = compose([f"dataset.label_noise={noise}", f"dataset.label_noise_kind={kind}"])
+    return load_splits(cfg.dataset, seed)
+
+
+@pytest.mark.parametrize("kind", ["symmetric", "asymmetric"])
+def test_loaded_training_labels_are_flipped_and_validation_and_test_labels_never(kind):
+    clean, noisy = splits(), splits(0.3, kind)
+    y, y_noisy = clean.train[1], noisy.train[1]
+    changed = y_noisy != y
+    assert changed.sum().item() == round(0.3 * len(y))  # 386 of the 1,287 training labels
+    assert torch.equal(changed, noisy.flipped) and clean.flipped is None
+    assert torch.equal(noisy.train[0], clean.train[0])  # the same images, only labels change
+    shift = ((y_noisy - y) % 10)[changed]
+    if kind == "asymmetric":  # y -> y + 1 mod K
+        assert torch.all(shift == 1)
+    else:  # uniform over the 9 other classes: never the same label (shift 0), and not one fixed shift
+        assert torch.all(shift > 0) and len(shift.unique()) == 9
+    for name in ("val", "test"):
+        for a, b in zip(getattr(noisy, name), getattr(clean, name)):
+            assert torch.equal(a, b), name
+
+
+def test_loaded_label_noise_is_decided_by_the_seed():
+    a, b, c = splits(0.3, seed=0), splits(0.3, seed=0), splits(0.3, seed=1)
+    assert torch.equal(a.train[1], b.train[1]) and torch.equal(a.flipped, b.flipped)
+    assert not torch.equal(a.flipped, c.flipped)
+    assert a.flipped.sum() == c.flipped.sum()
+    for name in ("val", "test"):
+        assert torch.equal(getattr(a, name)[1], getattr(c, name)[1])

@@ -236,18 +236,48 @@ def test_sam_method_requires_sam():
     "overrides",
     [("+method=sam",), ("+method=trades", "method.sam=true", "method.attack.steps=2", "dataset.label_noise=0.3")],
 )
-def test_cpu_smoke_run(compose_cfg, tmp_path, overrides):
+def test_cpu_smoke_run(compose_cfg, tmp_path, overrides, monkeypatch):
     import json
 
-    from runner.train import run
+    import runner.train
+    from runner.data import load_splits
 
+    # What the run trains, validates and evaluates on: the loader's labels, validate's, evaluate's.
+    seen = {"val": []}
+    loader, build_method, evaluate = runner.train.InMemoryLoader, runner.train.build_method, runner.train.evaluate
+
+    def recording_loader(x, y, *args, **kwargs):
+        seen["train"] = y.clone()
+        return loader(x, y, *args, **kwargs)
+
+    def recording_method(cfg):
+        method = build_method(cfg)
+        validate = method.validate
+        method.validate = lambda model, x, y, ctx: seen["val"].append(y.clone()) or validate(model, x, y, ctx)
+        return method
+
+    def recording_evaluate(model, cfg, x, y, *args, **kwargs):
+        seen["test"] = y.clone()
+        return evaluate(model, cfg, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(runner.train, "InMemoryLoader", recording_loader)
+    monkeypatch.setattr(runner.train, "build_method", recording_method)
+    monkeypatch.setattr(runner.train, "evaluate", recording_evaluate)
     fast = ("train.epochs=2", "train.log_every=5", "train.progress=plain", "eval.n_examples=100")
-    results = run(compose_cfg(*overrides, *fast), tmp_path)
+    cfg = compose_cfg(*overrides, *fast)
+    results = runner.train.run(cfg, tmp_path)
     assert 0 <= results["metrics"]["pgd/acc"] <= results["metrics"]["clean/acc"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("sam/loss_perturbed" in row for row in rows)
     noise = results["run"]["label_noise"]
-    assert noise["fraction"] == (0.3 if "dataset.label_noise=0.3" in overrides else 0.0)
+    fraction = 0.3 if "dataset.label_noise=0.3" in overrides else 0.0
+    assert noise["fraction"] == fraction
+
+    clean = load_splits(compose_cfg("dataset.label_noise=0").dataset, cfg.seed)
+    changed = seen["train"] != clean.train[1]
+    assert changed.sum().item() == round(fraction * len(changed))  # 386 of 1,287 trained on a wrong label
+    assert len(seen["val"]) == 2 and all(torch.equal(y, clean.val[1]) for y in seen["val"])
+    assert torch.equal(seen["test"], clean.test[1])
 
 
 @pytest.mark.parametrize(
