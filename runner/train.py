@@ -210,6 +210,9 @@ def run(cfg, run_dir: Path) -> dict:
             tracker.info(f"resumed at epoch {start_epoch} batch {resume_batch} (step {step})")
         else:
             method.setup(model)
+        schedule_warnings = method.schedule_warnings(steps_per_epoch, epochs)
+        for warning in schedule_warnings:
+            tracker.warning(warning)
         tracker.info(
             f"{method_name(cfg)} on {cfg.dataset.name} ({len(splits.train[1])} train / {len(y_val)} val / "
             f"{len(splits.test[1])} test), {cfg.model.name}, {cfg.threat.norm} eps={cfg.threat.eps:.4g}, "
@@ -308,7 +311,10 @@ def run(cfg, run_dir: Path) -> dict:
             model.load_state_dict(saved["model"])
             if which == "best":
                 evaluated_epoch = saved.get("epoch")
-                source = f"best.pt, epoch {evaluated_epoch}: the best validation score ({method.select_on})"
+                score = saved.get("val", {}).get("val/score")
+                value = f" {score:.4f}" if isinstance(score, float) else ""
+                source = (f"best.pt, epoch {evaluated_epoch}: the best validation score ({method.select_on}{value}; "
+                          f"ties go to the higher clean accuracy, then the earlier epoch)")
         keep_earlier_results(run_dir, tracker.info)  # a rerun with another eval suite loses nothing
         tracker.info(f"evaluating {source} with suite '{cfg.eval.name}'")
         results = {
@@ -316,7 +322,8 @@ def run(cfg, run_dir: Path) -> dict:
             "train": {"epochs": epochs, "epochs_trained": trained_epochs, "wall_time_s": round(train_time, 3),
                       "steps": step, "checkpoint": which, "checkpoint_epoch": evaluated_epoch,
                       "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": skipped,
-                      "processes": procs.world_size, "collapse_guard": guard.summary()},
+                      "processes": procs.world_size, "collapse_guard": guard.summary(),
+                      "warnings": schedule_warnings},
             **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, source),
             "env": {**environment(device), **run_environment(cfg)},
             "config": config,

@@ -348,6 +348,25 @@ def test_certified_training_run_end_to_end(compose_cfg, tmp_path, method):
     assert all(check["passed"] for check in results["checks"]), results["checks"]
     rows = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"eps_t"' in line]
     assert rows and '"tightness"' in rows[-1]
+    assert results["train"]["warnings"] == []  # the ramp ends within the run
+
+
+def test_a_run_shorter_than_the_eps_ramp_says_so(compose_cfg, tmp_path):
+    """warmup 3 + ramp 40 epochs in a 2-epoch run: the model never trains near eps_train."""
+    from runner.methods import build_method
+    from runner.train import run
+
+    cfg = compose_cfg("+method=ibp", "train.epochs=2", "eval=none", "train.progress=plain")
+    (warning,) = build_method(cfg).schedule_warnings(steps_per_epoch=10, epochs=2)
+    assert "ends after epoch 43" in warning and "trains at eps 0," in warning  # still in the eps = 0 warm-up
+    cfg = compose_cfg("+method=ibp", "train.epochs=4", "method.warmup_epochs=1", "method.ramp_epochs=4",
+                      "eval=none", "train.progress=plain", "train.batch_size=256")
+    (warning,) = build_method(cfg).schedule_warnings(steps_per_epoch=10, epochs=4)
+    fraction = float(warning.split("% of eps_train")[0].rsplit(" ", 1)[-1])
+    assert 0 < fraction < 100 and "ends after epoch 5" in warning
+    results = run(cfg, tmp_path)
+    assert len(results["train"]["warnings"]) == 1 and "eps ramp ends after epoch 5" in results["train"]["warnings"][0]
+    assert "WARNING" in (tmp_path / "train.log").read_text()
 
 
 # ---- the certified evaluator certifies at threat.eps, and sits under PGD per point ---------------------

@@ -35,6 +35,10 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg
 
+    def schedule_warnings(self, steps_per_epoch: int, epochs: int) -> list[str]:
+        """What the run's length leaves undone of the method's own schedule (logged and kept in results.json)."""
+        return []
+
     def setup(self, model: nn.Module) -> None:
         """Called once on a freshly built model before the first step (never on resume)."""
 

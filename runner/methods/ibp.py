@@ -132,6 +132,21 @@ class IBP(Method):
             raise ValueError(f"method={m.name} certifies linf balls only (threat.norm={cfg.threat.norm!r})")
         self.log_every = max(1, int(cfg.train.log_every))
 
+    def schedule_warnings(self, steps_per_epoch, epochs):
+        m = self.cfg.method
+        total = steps_per_epoch * epochs
+        ramp_end = round(m.warmup_epochs * steps_per_epoch) + round(m.ramp_epochs * steps_per_epoch)
+        if ramp_end <= total:
+            return []
+        eps_train = m.eps_factor * float(self.cfg.threat.eps)
+        reached = eps_at(total - 1, steps_per_epoch, m, eps_train)
+        return [
+            f"the eps ramp ends after epoch {ramp_end / steps_per_epoch:g} (method.warmup_epochs + "
+            f"method.ramp_epochs) but training stops after {epochs}: the last step trains at eps {reached:.4g}, "
+            f"{reached / eps_train:.1%} of eps_train {eps_train:.4g}, so certificates at threat.eps will be few; "
+            f"shorten the ramp or train longer"
+        ]
+
     def setup(self, model):
         ok, reason = bounds.supports(model, self.bound_method)
         if not ok:
