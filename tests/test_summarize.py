@@ -168,3 +168,149 @@ def test_earlier_evaluations_kept_in_a_run_dir_are_not_counted(summarize, tmp_pa
     write_run(tmp_path / "r" / "earlier", "2024-01-01_00-00-00", "erm", 0, {"clean/acc": 0.1})
     assert summarize.main([str(tmp_path)]) == 0
     assert "0.1000" not in (tmp_path / "summary.md").read_text()
+
+
+# ---- runs with a resolved config (results.json "config"), as robust-train writes them ----------------------
+
+def config(method=None, seed=0, epochs=2, lr=0.1, pgd_steps=50, device="auto", checkpoint="auto") -> dict:
+    return {
+        "seed": seed, "deterministic": False, "device": device, "resume": "auto",
+        "threat": {"norm": "linf", "eps": 0.1},
+        "train": {"epochs": epochs, "batch_size": 64, "log_every": 50, "progress": "auto"},
+        "dataset": {"name": "digits", "data_dir": "data", "download": True, "label_noise": 0.0,
+                    "label_noise_kind": "symmetric"},
+        "model": {"name": "cnn_digits", "hidden": [256, 256]},
+        "method": None if method is None else {"name": method, "sam": method == "sam", "rho": None, "adaptive": False},
+        "optimizer": {"name": "sgd", "lr": lr},
+        "eval": {"name": "quick", "n_examples": None, "batch_size": 500, "seed": 0, "checkpoint": checkpoint,
+                 "evaluators": [{"name": "clean"}, {"name": "pgd", "steps": pgd_steps, "restarts": 1}]},
+        "logger": {"name": "none"},
+        "ckpt": None,
+    }
+
+
+def write_configured_run(root, name, method, seed, metrics, mtime=None, evaluated="last", trained=None, **cfg):
+    """A results.json with config, train and eval sections like robust-train's."""
+    path = write_run(root, name, method, seed, metrics, mtime=mtime)
+    results = json.loads(path.read_text())
+    results["config"] = config(method=None if method == "erm" and cfg.pop("plain", False) else method,
+                               seed=seed, **cfg)
+    epochs = results["config"]["train"]["epochs"]
+    results["train"] = {"epochs": epochs, "epochs_trained": trained or epochs, "checkpoint": evaluated,
+                        "checkpoint_epoch": trained or epochs}
+    steps = results["config"]["eval"]["evaluators"][1]["steps"]
+    results["eval"] = {
+        "clean/acc": {"n_examples": 360},
+        "pgd/acc": {"attack": "pgd", "norm": "linf", "eps": 0.1, "eps_255": 25.5, "steps": steps, "restarts": 1,
+                    "n_examples": 360, "seed": 0},
+        "autoattack/acc": {"attack": "autoattack", "version": "standard", "norm": "linf", "eps": 0.1,
+                           "eps_255": 25.5, "steps": "100 (APGD, FAB); Square 5000 queries", "restarts": 1,
+                           "n_examples": 360, "seed": 0},
+    }
+    path.write_text(json.dumps(results))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_runs_whose_settings_differ_are_never_pooled(summarize, tmp_path, capsys):
+    # seeds 0 and 1 of one setting; seed 0 of another (more epochs, lower lr, PGD-5): the old label
+    # ("erm") averaged all three and called the two seed-0 runs duplicates
+    write_configured_run(tmp_path, "a0", "erm", 0, {"clean/acc": 0.90, "pgd/acc": 0.5}, plain=True)
+    write_configured_run(tmp_path, "a1", "erm", 1, {"clean/acc": 0.92, "pgd/acc": 0.6}, device="cpu")
+    write_configured_run(tmp_path, "b0", "erm", 0, {"clean/acc": 0.80, "pgd/acc": 0.9}, epochs=4, lr=0.02,
+                         pgd_steps=5)
+    write_configured_run(tmp_path, "at0", "at", 0, {"clean/acc": 0.85, "pgd/acc": 0.8})
+    assert summarize.main([str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "summary.csv")
+    first = "erm train.epochs=2 optimizer.lr=0.1 eval.evaluators[pgd].steps=50"
+    second = "erm train.epochs=4 optimizer.lr=0.02 eval.evaluators[pgd].steps=5"
+    assert set(rows) == {"at", first, second}
+    # no +method (method: null) and +method=erm are the same training; device cannot change a number
+    assert rows[first]["n_seeds"] == "2" and rows[second]["n_seeds"] == "1"
+    assert float(rows[second]["pgd/acc_mean"]) == pytest.approx(0.9)
+    table = (tmp_path / "summary.md").read_text()
+    assert "using the newest" not in table and "`train.epochs`, `optimizer.lr`" in table
+
+
+def test_the_same_run_twice_is_a_duplicate_only_with_the_same_settings(summarize, tmp_path):
+    write_configured_run(tmp_path, "run", "erm", 0, {"clean/acc": 0.9, "pgd/acc": 0.5}, mtime=1_000)
+    write_configured_run(tmp_path, "again", "erm", 0, {"clean/acc": 0.9, "pgd/acc": 0.4}, mtime=2_000)
+    write_configured_run(tmp_path, "best", "erm", 0, {"clean/acc": 0.9, "pgd/acc": 0.7}, evaluated="best",
+                         checkpoint="best")
+    assert summarize.main([str(tmp_path)]) == 0
+    rows = read_csv(tmp_path / "summary.csv")
+    assert set(rows) == {"erm eval.checkpoint=last", "erm eval.checkpoint=best"}
+    assert float(rows["erm eval.checkpoint=last"]["pgd/acc_mean"]) == pytest.approx(0.4)  # the newest
+    assert "using the newest" in (tmp_path / "summary.md").read_text()
+
+
+def test_paired_only_within_the_same_settings_and_says_what_differs(summarize, tmp_path, capsys):
+    for seed in range(2):
+        write_configured_run(tmp_path, f"erm{seed}", "erm", seed, {"clean/acc": 0.9})
+        write_configured_run(tmp_path, f"sam{seed}", "sam", seed, {"clean/acc": 0.92})
+        # AT evaluates best.pt by default (eval.checkpoint=auto): paired, and the column says so
+        write_configured_run(tmp_path, f"at{seed}", "at", seed, {"clean/acc": 0.8}, evaluated="best")
+        write_configured_run(tmp_path, f"trades{seed}", "trades", seed, {"clean/acc": 0.7}, epochs=3)
+    assert summarize.main([str(tmp_path), "--paired", "erm"]) == 0
+    with (tmp_path / "paired.csv").open() as handle:
+        rows = {row["method"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"sam", "at"}  # TRADES trained 3 epochs, ERM 2: not a paired comparison
+    assert rows["sam"]["baseline"] == "erm" and rows["sam"]["differs"] == ""
+    assert rows["at"]["differs"] == "eval.checkpoint best vs last"
+    paired = (tmp_path / "paired.md").read_text()
+    assert "trades: not paired" in paired and "Settings:" in paired
+
+
+def test_ibp_pairs_across_its_recipe_keys(summarize, tmp_path):
+    write_configured_run(tmp_path, "erm", "erm", 0, {"clean/acc": 0.9})
+    write_configured_run(tmp_path, "ibp", "ibp", 0, {"clean/acc": 0.95}, epochs=100, lr=0.005)
+    assert summarize.main([str(tmp_path), "--paired", "erm"]) == 0
+    with (tmp_path / "paired.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["method"] == "ibp" and "train.epochs 100 vs 2" in row["differs"]
+    assert "optimizer.lr 0.005 vs 0.1" in row["differs"]
+
+
+def test_tables_carry_the_settings_behind_every_column(summarize, tmp_path, capsys):
+    sweep = tmp_path / "deep" / "my-sweep"
+    for seed, (clean, aa) in enumerate(((0.96, 0.40), (0.98, 0.42))):
+        write_configured_run(sweep, f"erm{seed}", "erm", seed, {"clean/acc": clean, "pgd/acc": 0.5,
+                                                                "autoattack/acc": aa}, trained=2 + seed)
+    write_configured_run(sweep, "at", "at", 0, {"clean/acc": 0.9, "pgd/acc": 0.8}, pgd_steps=10)
+    assert summarize.main([str(sweep)]) == 0
+    table = (sweep / "summary.md").read_text()
+    assert table.startswith("# Summary of my-sweep\n")  # the directory's name, not its absolute path
+    assert "- `autoattack/acc`: AutoAttack version standard, linf eps 0.1 = 25.5/255" in table
+    assert "n=360, eval seed 0" in table
+    assert "- `pgd/acc`: **differs between runs**" in table and "10 steps" in table and "50 steps" in table
+    assert "last.pt at epochs 2–3 (erm)" in table
+    assert "- epochs trained: **differs between runs**: 2 (at); 2–3 (erm)" in table
+    tex = (sweep / "summary.tex").read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "clean/acc (\\%)" in tex
+    assert f"${97.0:.2f} \\pm {100 * statistics.stdev([0.96, 0.98]):.2f}$" in tex
+    assert "& $90.00$ &" in tex  # one seed: no ±
+
+
+def test_tradeoff_names_the_groups_it_leaves_out(summarize, tmp_path, capsys):
+    write_configured_run(tmp_path, "erm", "erm", 0, {"clean/acc": 0.9, "pgd/acc": 0.5, "autoattack/acc": 0.4})
+    write_configured_run(tmp_path, "at", "at", 0, {"clean/acc": 0.8, "pgd/acc": 0.7})
+    assert summarize.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "robust = autoattack/acc" in printed
+    assert "tradeoff.png leaves out 1 group(s) without clean/acc or autoattack/acc: at" in printed
+    runs, _ = summarize.load_runs(tmp_path)
+    label = summarize.robust_axis_label("autoattack/acc", [r for r in runs if "autoattack/acc" in r["metrics"]])
+    assert label == "AutoAttack accuracy (%), linf eps 0.1 = 25.5/255"
+
+
+def test_a_running_job_is_named(summarize, tmp_path, capsys):
+    write_run(tmp_path, "done", "erm", 0, {"clean/acc": 0.9})
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "status.json").write_text(json.dumps({"status": "running", "time": 1}))
+    (tmp_path / "broke").mkdir()
+    (tmp_path / "broke" / "status.json").write_text(json.dumps({"status": "failed", "error": "ValueError: x"}))
+    assert summarize.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'busy'} is still running (no results.json yet)" in printed
+    assert f"{tmp_path / 'broke'} has no results.json (status failed: ValueError: x)" in printed
