@@ -13,6 +13,12 @@ from omegaconf import OmegaConf
 from runner.evaluators.base import EvalContext
 from runner.tracking import log
 
+WILSON = "Wilson score interval (binomial, n independent test points)"
+# Intervals evaluators compute themselves, when their settings do not name the method.
+CI_METHODS = {
+    "corruptions": "normal approximation over per-example mean accuracies (mean ± 1.96·sd/√n)",
+    "calibration": "bootstrap over examples",
+}
 # Per-point orderings that must hold whatever the model: a point certified robust cannot be attacked,
 # and a point an attack fools cannot count as robust under a weaker notion. (stronger, weaker) pairs.
 ORDER = [("certified", "autoattack"), ("certified", "pgd"), ("autoattack", "clean"), ("pgd", "clean")]
@@ -94,10 +100,12 @@ def examples_description(cfg, n: int) -> str:
     return f"first {n} of the {cfg.dataset.name} test split (fixed order, independent of every seed)"
 
 
-def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str | None = None) -> dict:
+def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str | None = None,
+             info: dict | None = None) -> dict:
     """Returns {"metrics", "eval", "checks", "skipped"} for results.json and, when run_dir is set, writes
-    report.md and the plots there (`model_source`: which checkpoint the numbers are of, for its header).
-    The model is put in eval mode (fp32)."""
+    report.md and the plots there (`model_source`: which checkpoint the numbers are of, for its header;
+    `info`: results.json's other sections — run, train, env, eval_threat... — for the header, else the
+    config and this process say what they can). The model is put in eval mode (fp32)."""
     model = model.float().eval()
     x, y = evaluation_subset(x, y, cfg.eval.n_examples)
     x, y = x.to(device), y.to(device)
@@ -122,13 +130,18 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str |
         start = time.perf_counter()
         result = evaluator(model, x, y, ctx)
         for key, value in result.metrics.items():
-            settings = dict(result.settings.get(key, {}))
+            settings = {"evaluator": evaluator.name, **result.settings.get(key, {})}
             if key.endswith("acc"):
                 settings.setdefault("n_examples", len(y))
                 settings.setdefault("examples", examples_description(cfg, settings["n_examples"]))
                 # An evaluator that averages over conditions gives its own interval; a plain accuracy
                 # over n independent points gets Wilson's.
-                settings.setdefault("ci95", wilson_interval(value, settings["n_examples"]))
+                if "ci95" not in settings:
+                    settings["ci95"] = wilson_interval(value, settings["n_examples"])
+                    settings.setdefault("ci95_method", WILSON)
+            settings.setdefault("ci95_method", CI_METHODS.get(evaluator.name) if settings.get("ci95") else None)
+            if "eps_255" in settings and settings.get("norm", ctx.norm) != "linf":
+                settings["eps_255"] = None  # /255 is the L-inf convention
             out["metrics"][key] = value
             out["eval"][key] = settings
         out["checks"] += result.checks
@@ -142,9 +155,20 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str |
     if run_dir is not None:
         from runner.report import write_report
 
-        path = write_report(Path(run_dir), out, cfg, model_source)
+        path = write_report(Path(run_dir), {**(info or report_info(cfg, device)), **out}, cfg, model_source)
         log.info(f"eval report: {path}")
     return out
+
+
+def report_info(cfg, device) -> dict:
+    """What a report written before results.json is assembled can know about the run: the config's
+    training seed and threat, and this process's software (the training process, for robust-train)."""
+    from runner.report import threat_summary
+    from runner.tracking import run_environment
+
+    threat = threat_summary(cfg.threat.norm, cfg.threat.eps)
+    return {"run": {"seed": cfg.seed, "threat": threat}, "eval_threat": threat,
+            "env": {**environment(device), **run_environment(cfg)}}
 
 
 def environment(device) -> dict:

@@ -14,7 +14,8 @@ from runner import checkpoint
 from runner.data import load_splits, to_float
 from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
-from runner.tracking import StopRequests, Tracker, write_json
+from runner.report import threat_summary
+from runner.tracking import StopRequests, Tracker, run_environment, write_json
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
 # What training decided: the checkpoint's values, never the command line's (results would carry another
@@ -175,6 +176,55 @@ def reserve_run_dir(path) -> Path:
     raise FileExistsError(f"no free evaluation directory next to {str(path)!r}")
 
 
+def training_threat(saved: dict) -> dict | None:
+    """The threat the checkpoint was trained for (its config's), None when the config lacks one."""
+    threat = saved.get("threat")
+    if not isinstance(threat, dict) or threat.get("eps") is None:
+        return None
+    return threat_summary(threat.get("norm", "linf"), threat["eps"])
+
+
+def _same_config(a, b) -> bool:
+    return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
+
+
+def training_record(path: Path, state: dict) -> tuple[dict, dict | None]:
+    """(results.json's `train` block, the training's `env` or None) for a checkpoint: what the checkpoint
+    itself knows (its config, epoch; last.pt also steps and training time), completed from its run
+    directory's results.json when that describes this very checkpoint (same config, checkpoint and
+    epoch). A field nothing records is None."""
+    saved = state.get("config") or {}
+    epoch = state.get("epoch")
+    resumable = "optimizer" in state  # last.pt: the training state, not only the model
+    train = {
+        "epochs": (saved.get("train") or {}).get("epochs"),
+        "epochs_trained": epoch if resumable and not state.get("batch") else None,
+        "wall_time_s": round(state["train_time_s"], 3) if resumable and "train_time_s" in state else None,
+        "steps": state.get("step") if resumable else None,
+        "checkpoint": path.stem if path.stem in ("best", "last") else str(path),
+        "checkpoint_file": str(path),
+        "checkpoint_epoch": epoch,
+        "source": "checkpoint",
+    }
+    train_env = None
+    results_file = path.parent.parent / "results.json" if path.parent.name == "checkpoints" else None
+    try:
+        trained = json.loads(results_file.read_text()) if results_file else None
+    except (OSError, ValueError):
+        trained = None
+    if isinstance(trained, dict) and isinstance(trained.get("train"), dict) and _same_config(
+        trained.get("config"), saved
+    ):
+        theirs = trained["train"]
+        if theirs.get("checkpoint") == path.stem and theirs.get("checkpoint_epoch") == epoch:
+            for key, value in theirs.items():
+                if train.get(key) is None and key not in ("checkpoint", "checkpoint_file"):
+                    train[key] = value
+            train["source"] = f"checkpoint and {results_file}"
+            train_env = trained.get("env") if isinstance(trained.get("env"), dict) else None
+    return train, train_env
+
+
 def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
     from runner.allocator import keep_freed_memory
     from runner.train import resolve_device, run_summary
@@ -196,12 +246,23 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         model.to(device)
         tracker.info(f"evaluating {path} with suite '{cfg.eval.name}'")
         start = time.perf_counter()
+        saved = state["config"]
+        eval_threat = threat_summary(cfg.threat.norm, cfg.threat.eps)
+        train, train_env = training_record(path, state)
+        # `run` describes the trained model (its training threat); the evaluation's threat is eval_threat.
+        run = {**run_summary(cfg), "threat": training_threat(saved)}
+        info = {"run": run, "train": train, "train_env": train_env, "train_config": saved,
+                "eval_threat": eval_threat,
+                "env": {**environment(device), **run_environment(cfg), "eval_seed": cfg.eval.seed}}
         results = {
-            "run": run_summary(cfg),
-            "train": {"epochs": state.get("epoch"), "checkpoint": str(path)},
-            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, str(path)),
-            "env": environment(device),
+            "run": run,
+            "eval_threat": eval_threat,
+            "train": train,
+            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, str(path), info),
+            "env": info["env"],
+            "train_env": train_env,
             "config": OmegaConf.to_container(cfg, resolve=True),
+            "train_config": saved,
         }
         results["eval_wall_time_s"] = round(time.perf_counter() - start, 3)
         write_json(run_dir / "results.json", results)

@@ -26,6 +26,7 @@ from runner.methods import build_method, method_name
 from runner.methods.base import StepContext
 from runner.models import build_model
 from runner.optim import build_optimizer, build_scheduler
+from runner.report import threat_summary
 from runner.tracking import (
     StopRequests,
     Tracker,
@@ -64,8 +65,7 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def run_summary(cfg) -> dict:
     return {
         "dataset": cfg.dataset.name, "model": cfg.model.name, "method": method_name(cfg), "seed": cfg.seed,
-        "threat": {"norm": cfg.threat.norm, "eps": float(cfg.threat.eps),
-                   "eps_255": round(cfg.threat.eps * 255, 3)},
+        "threat": threat_summary(cfg.threat.norm, cfg.threat.eps),
         "label_noise": {"fraction": cfg.dataset.label_noise, "kind": cfg.dataset.label_noise_kind},
         "train_fraction": cfg.dataset.train_fraction,
     }
@@ -317,17 +317,18 @@ def run(cfg, run_dir: Path) -> dict:
                           f"ties go to the higher clean accuracy, then the earlier epoch)")
         keep_earlier_results(run_dir, tracker.info)  # a rerun with another eval suite loses nothing
         tracker.info(f"evaluating {source} with suite '{cfg.eval.name}'")
-        results = {
+        # Everything but the metrics first: the report's header (written with the metrics) names them all.
+        info = {
             "run": run_summary(cfg),
             "train": {"epochs": epochs, "epochs_trained": trained_epochs, "wall_time_s": round(train_time, 3),
                       "steps": step, "checkpoint": which, "checkpoint_epoch": evaluated_epoch,
                       "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": skipped,
                       "processes": procs.world_size, "collapse_guard": guard.summary(),
                       "warnings": schedule_warnings},
-            **evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, source),
             "env": {**environment(device), **run_environment(cfg)},
-            "config": config,
         }
+        metrics = evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, source, info)
+        results = {"run": info["run"], "train": info["train"], **metrics, "env": info["env"], "config": config}
         write_json(run_dir / "results.json", results)
         tracker.status("completed")
         exit_code = 0

@@ -16,6 +16,7 @@ from runner.corruptions.digital import brightness, jpeg_compression, pixelate
 from runner.corruptions.rng import ImageStreams, hash32
 from runner.evaluators.base import EvalContext
 from runner.evaluators.corruptions import build
+from runner.plots import write_corruption_plot
 
 SIZES = ("8x8x1", "28x28x1", "32x32x3")
 # Corruptions whose output does not depend on the seed (no random draws).
@@ -280,7 +281,9 @@ def test_evaluator_keys_plot_and_mce_against_itself(tmp_path):
     model = TinyModel()
     evaluator = build({"name": "corruptions", "severities": [1, 5]}, cfg=None)
     result = evaluator(model, x, y, context(tmp_path / "run"))
-    assert (tmp_path / "run" / "corruptions.png").stat().st_size > 0
+    assert result.settings["corruption/mean_acc"]["plot"] == "corruptions.png"  # drawn with the report:
+    path = write_corruption_plot(tmp_path / "run", result.metrics, result.settings)
+    assert path.name == "corruptions.png" and path.read_bytes()[:4] == b"\x89PNG"
     expected = {"corruption/mean_acc", "corruption/sev1/acc", "corruption/sev5/acc"}
     expected |= {f"corruption/{name}/acc" for name in CORRUPTIONS}
     expected |= {f"corruption/{name}/sev{s}/acc" for name in CORRUPTIONS for s in (1, 5)}

@@ -16,9 +16,9 @@ import torch
 from runner.attacks import default_alpha, model_mode
 from runner.evaluators.base import EvalResult, Evaluator, check_keys
 from runner.evaluators.pgd import pgd_correct, positive_int, spec_error
+from runner.plots import write_reliability
 
 KEYS = {"name", "bins", "steps", "adversarial", "bootstrap"}
-PLOT_FILE = "reliability.png"
 
 
 def bin_statistics(confidence: torch.Tensor, correct: torch.Tensor, bins: int) -> dict:
@@ -68,56 +68,6 @@ def confidence_and_correct(model, x, y, batch_size: int) -> tuple[torch.Tensor, 
             confidences.append(top.cpu())
             corrects.append((predicted == y[i : i + batch_size]).cpu())
     return torch.cat(confidences), torch.cat(corrects)
-
-
-def write_plot(run_dir: Path, panels: list[tuple[str, dict]], bins: int) -> Path:
-    """One reliability diagram per condition: accuracy per confidence bin against the diagonal."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(4.2 * len(panels), 4.2), layout="constrained")
-    FigureCanvasAgg(figure)
-    width = 1.0 / bins
-    centres = [(i + 0.5) * width for i in range(bins)]
-    for column, (title, stats) in enumerate(panels):
-        axes = figure.add_subplot(1, len(panels), column + 1)
-        counts = stats["count"].tolist()
-        filled = [i for i in range(bins) if counts[i] > 0]
-        accuracy = [stats["accuracy"][i].item() for i in filled]
-        confidence = [stats["confidence"][i].item() for i in filled]
-        axes.bar(
-            [centres[i] for i in filled],
-            accuracy,
-            width,
-            edgecolor="black",
-            linewidth=0.5,
-            label="accuracy in bin",
-        )
-        axes.scatter(
-            [centres[i] for i in filled],
-            confidence,
-            marker="_",
-            s=300,
-            color="tab:red",
-            zorder=3,
-            label="mean confidence in bin",
-        )
-        for i, a in zip(filled, accuracy):
-            axes.annotate(f"{int(counts[i])}", (centres[i], min(a, 0.93) + 0.015), ha="center", fontsize=6)
-        axes.plot([0, 1], [0, 1], "k--", linewidth=1)
-        axes.set_xlim(0, 1)
-        axes.set_ylim(0, 1)
-        axes.set_xlabel("confidence (top softmax probability)")
-        axes.set_ylabel("accuracy")
-        axes.set_title(
-            f"{title}\nECE {stats['ece']:.3f}, n={int(stats['count'].sum())} (numbers: points per bin)",
-            fontsize=9,
-        )
-        axes.legend(loc="upper left", fontsize=8)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / PLOT_FILE
-    figure.savefig(path, dpi=110)
-    return path
 
 
 class Calibration(Evaluator):
@@ -191,7 +141,8 @@ class Calibration(Evaluator):
                 "time_s": round(time.perf_counter() - start, 3),
             }
         if ctx.run_dir is not None:
-            path = write_plot(Path(ctx.run_dir), panels, self.bins)
+            intervals = [result.settings[key]["ci95"] for key in result.settings]  # one per panel, in order
+            path = write_reliability(Path(ctx.run_dir), panels, self.bins, intervals)
             for key in result.settings:
                 result.settings[key]["plot"] = path.name
         return result

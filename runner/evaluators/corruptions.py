@@ -17,13 +17,13 @@ import torch
 from runner.attacks import model_mode, predict
 from runner.corruptions import CORRUPTIONS, SEVERITIES, corrupt, single_thread_if_small, working_factor
 from runner.evaluators.base import EvalResult, Evaluator, check_keys
+from runner.plots import CORRUPTION_FILE
 
 KEYS = {"name", "severities", "corruptions", "seed", "baseline", "n_examples"}
 # Model inputs below this many values per chunk are classified on one CPU thread: for 8×8 digits the
 # 76 forward passes took 20 s with 2 threads on a loaded 2-core machine and well under 1 s with one.
 SMALL_INPUT = 2**16
 CONSTANTS = "CIFAR-10-C (Hendrycks & Dietterich 2019, make_cifar_c.py); frost texture synthesised"
-PLOT_FILE = "corruptions.png"
 
 
 def condition_key(name: str, severity: int) -> str:
@@ -143,10 +143,8 @@ class Corruptions(Evaluator):
             for key, value in mce_metrics.items():
                 put(key, value, baseline=str(self.baseline_path), baseline_run=baseline["run"])
             result.checks += checks
-        if ctx.run_dir is not None:
-            clean_acc = clean.mean().item()
-            plot = write_plot(Path(ctx.run_dir), result.metrics, self.corruptions, clean_acc, baseline)
-            result.settings["corruption/mean_acc"]["plot"] = plot.name
+        if ctx.run_dir is not None:  # drawn with the report, from the results (runner.plots)
+            result.settings["corruption/mean_acc"]["plot"] = CORRUPTION_FILE
         return result
 
 
@@ -233,37 +231,6 @@ def corruption_errors(errors, clean_error, baseline, corruptions, severities, co
         "detail": "; ".join(differences) or "same examples, corruption seed and regenerated sets",
     })
     return metrics, checks
-
-
-def write_plot(run_dir: Path, metrics: dict, corruptions: list, clean_acc: float, baseline) -> Path:
-    """Bar chart of accuracy per corruption (mean over severities), baseline bars beside when given."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(max(6.0, 0.55 * len(corruptions) + 2), 4.0), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    positions = list(range(len(corruptions)))
-    ours = [metrics[f"corruption/{name}/acc"] for name in corruptions]
-    width = 0.4 if baseline else 0.8
-    axes.bar([p - (width / 2 if baseline else 0) for p in positions], ours, width, label="this model")
-    if baseline:
-        severities = sorted({s for _, s in baseline["errors"]})
-        theirs = [
-            1 - sum(baseline["errors"][name, s] for s in severities) / len(severities) for name in corruptions
-        ]
-        axes.bar([p + width / 2 for p in positions], theirs, width, label="baseline", color="tab:gray")
-    axes.axhline(clean_acc, color="black", linestyle="--", linewidth=1, label=f"clean {clean_acc:.3f}")
-    axes.set_xticks(positions, [name.replace("_", "\n") for name in corruptions], fontsize=7)
-    axes.set_ylim(0, 1.15)  # headroom for the legend above the bars
-    axes.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    axes.set_ylabel("accuracy (mean over severities)")
-    axes.set_title(f"Common corruptions (regenerated): mean {metrics['corruption/mean_acc']:.3f}")
-    axes.legend(fontsize=7, loc="upper center", ncol=3, frameon=False)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / PLOT_FILE
-    figure.savefig(path, dpi=120)
-    return path
 
 
 def build(spec, cfg):
