@@ -6,9 +6,14 @@ import importlib.util
 import json
 import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from runner.summary.plot import robust_axis_label
+from runner.summary.runs import load_runs
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "summarize.py"
 
@@ -299,8 +304,8 @@ def test_tradeoff_names_the_groups_it_leaves_out(summarize, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "robust = autoattack/acc" in printed
     assert "tradeoff.png leaves out 1 group(s) without clean/acc or autoattack/acc: at" in printed
-    runs, _ = summarize.load_runs(tmp_path)
-    label = summarize.robust_axis_label("autoattack/acc", [r for r in runs if "autoattack/acc" in r["metrics"]])
+    runs, _ = load_runs(tmp_path)
+    label = robust_axis_label("autoattack/acc", [r for r in runs if "autoattack/acc" in r["metrics"]])
     assert label == "AutoAttack accuracy (%), linf eps 0.1 = 25.5/255"
 
 
@@ -314,3 +319,9 @@ def test_a_running_job_is_named(summarize, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'busy'} is still running (no results.json yet)" in printed
     assert f"{tmp_path / 'broke'} has no results.json (status failed: ValueError: x)" in printed
+
+
+def test_the_package_imports_without_matplotlib():
+    # the plot imports matplotlib only when it draws: `import runner` and the summary modules stay light
+    code = "import sys, runner.summary.cli; print('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
