@@ -273,7 +273,8 @@ def run(cfg, run_dir: Path) -> dict:
                 epoch_metrics = {"epoch": epoch + 1, "epoch_time_s": time.perf_counter() - epoch_start}
                 val_ctx = StepContext(epoch, step, steps_per_epoch, total_steps, norm, eps)
                 collapsed = guard.collapsed(method, model, val_ctx, epoch, procs)
-                if procs.is_main and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == epochs):
+                validating = len(y_val) > 0 and ((epoch + 1) % cfg.train.val_every == 0 or epoch + 1 == epochs)
+                if procs.is_main and validating:  # dataset.val_size=0: no validation split, no best.pt
                     model.eval()
                     epoch_metrics.update(method.validate(model, x_val, y_val, val_ctx))
                     score = selection_key(epoch_metrics)

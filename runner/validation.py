@@ -102,9 +102,6 @@ def check_dataset(d) -> None:
     _at_least("dataset.test_size", d.test_size, 0)
     _choice("dataset.augment", d.augment, AUGMENTS)
     _at_least("dataset.crop_padding", d.crop_padding, 0)
-    if d.val_size == 0:
-        _fail("dataset.val_size", d.val_size, "training needs a validation split (per-epoch validation and best.pt "
-              "selection): use at least one image per class, e.g. dataset.val_size=150")
     _fraction("dataset.label_noise", d.label_noise)
     _choice("dataset.label_noise_kind", d.label_noise_kind, LABEL_NOISE_KINDS)
     if d.name == "synthetic":
@@ -289,6 +286,22 @@ def check_eval(cfg) -> None:
     build_evaluators(cfg)  # unknown evaluators and keys fail now, not after training
 
 
+def check_validation_split(cfg) -> None:
+    """dataset.val_size=0 trains on the whole training set, as TRADES and SAM do, with no per-epoch
+    validation and so no best.pt: only a run that evaluates its final model can do without it."""
+    if cfg.dataset.val_size > 0:
+        return
+    from runner.methods import build_method
+
+    which = cfg.eval.checkpoint
+    if which == "auto":
+        which = build_method(cfg).reported_checkpoint
+    if which == "best":
+        _fail("dataset.val_size", 0, f"evaluating best.pt (eval.checkpoint={cfg.eval.checkpoint}) needs a validation "
+              "split to select it on: keep one (e.g. dataset.val_size=150) or evaluate the final model with "
+              "eval.checkpoint=last")
+
+
 def check_evaluator_eps(cfg, i: int, spec) -> None:
     """An evaluator's own eps (a number, "k/255" or a list) and eps_factors follow threat.eps's rules."""
     from omegaconf import OmegaConf
@@ -367,6 +380,7 @@ def check_run(cfg) -> None:
     check_logger(cfg.logger)
     check_method(cfg)
     check_eval(cfg)
+    check_validation_split(cfg)
 
 
 def check_eval_command(cfg) -> None:

@@ -93,7 +93,8 @@ def test_typos_and_wrong_types_fail_naming_the_key(compose_cfg, overrides, named
         (["eval.evaluators=[{name: pgd, eps: [0.1, 3]}]"], "eval.evaluators[0].eps"),
         (["dataset.augment=crop", "dataset.crop_padding=8"], "dataset.crop_padding"),
         (["dataset.crop_padding=-1"], "dataset.crop_padding"),
-        (["dataset.val_size=0"], "dataset.val_size"),
+        (["dataset.val_size=0", "+method=at"], "dataset.val_size"),  # AT reports best.pt: needs validation
+        (["dataset.val_size=0", "eval.checkpoint=best"], "dataset.val_size"),
         (["+method=ibp", "method.val_batch_size=0"], "method.val_batch_size"),
         (["+method=crown_ibp", "method.val_batch_size=-5"], "method.val_batch_size"),
         (["dataset.test_size=5000"], "dataset.test_size"),
