@@ -1,7 +1,7 @@
 """Hydra entrypoints `robust-train` and `robust-eval`: compose the config, call one `run`, and turn every
 failure the user can fix into one line on stderr and exit status 1.
 
-A single run is checked before Hydra writes anything (`runner.validation.preflight_*`: the command line
+A single run is checked before Hydra writes anything (`runner.preflight.preflight_*`: the command line
 composed exactly as Hydra will, values, the run directory, the checkpoint). Hydra's own errors (unknown
 option, unknown key, wrong type) and the run's (missing dataset, bad checkpoint, non-finite loss) are
 reformatted by `runner.errors.describe`; a failure that is not the user's (a bug) keeps its traceback.
@@ -337,9 +337,9 @@ def _main(task, command: str, config_name: str) -> None:
     try:
         single = _single_run_overrides(sys.argv[1:], config_name)
         if single is not None:
-            from runner import validation
+            from runner.preflight import preflight_eval, preflight_train
 
-            preflight = validation.preflight_train if command == "robust-train" else validation.preflight_eval
+            preflight = preflight_train if command == "robust-train" else preflight_eval
             run_dir = preflight(*single)
             if command == "robust-eval" and not any(o.startswith("hydra.run.dir=") for o in single[0]):
                 from runner.reevaluate import reserve_run_dir
@@ -348,9 +348,9 @@ def _main(task, command: str, config_name: str) -> None:
                 sys.argv.append(f"hydra.run.dir={reserve_run_dir(run_dir)}")
         sweep = _single_run_overrides(sys.argv[1:], config_name, multirun=True)
         if sweep is not None:  # every job checked before the sweeper writes or launches anything
-            from runner import validation
+            from runner.preflight import preflight_sweep
 
-            validation.preflight_sweep(*sweep)
+            preflight_sweep(*sweep)
         with _hydra_reraises():
             task()
     except SystemExit:

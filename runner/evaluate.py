@@ -83,7 +83,7 @@ def evaluation_subset(x, y, n_examples):
 def summary_line(result, limit: int = 8) -> str:
     """The evaluator's headline numbers for the log; breakdowns (per class, per corruption) stay in
     results.json and report.md."""
-    from runner.report import DETAIL_KEY
+    from runner.report_tables import DETAIL_KEY
 
     shown = [(k, v) for k, v in result.metrics.items() if isinstance(v, float) and not DETAIL_KEY.match(k)]
     text = " ".join(f"{k}={v:.4f}" for k, v in shown[:limit])
@@ -163,7 +163,7 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str |
 def report_info(cfg, device) -> dict:
     """What a report written before results.json is assembled can know about the run: the config's
     training seed and threat, and this process's software (the training process, for robust-train)."""
-    from runner.report import threat_summary
+    from runner.report_header import threat_summary
     from runner.tracking import run_environment
 
     threat = threat_summary(cfg.threat.norm, cfg.threat.eps)

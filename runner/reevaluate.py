@@ -14,7 +14,7 @@ from runner import checkpoint
 from runner.data import load_splits, to_float
 from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
-from runner.report import threat_summary
+from runner.report_header import threat_summary
 from runner.tracking import StopRequests, Tracker, run_environment, write_json
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")

@@ -26,7 +26,7 @@ from runner.methods import build_method, method_name
 from runner.methods.base import StepContext
 from runner.models import build_model
 from runner.optim import build_optimizer, build_scheduler
-from runner.report import threat_summary
+from runner.report_header import threat_summary
 from runner.tracking import (
     StopRequests,
     Tracker,

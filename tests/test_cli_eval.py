@@ -39,7 +39,7 @@ def test_reserve_run_dir_never_hands_out_a_directory_twice(tmp_path):
 
 CHILD = """
 import sys
-import runner.validation as v
+import runner.preflight as v
 original = v.preflight_eval
 def taken(*args, **kwargs):  # another evaluation started in the same second and holds the directory
     run_dir = original(*args, **kwargs)

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 import runner.cli
-from runner.validation import preflight_sweep, sweep_jobs
+from runner.preflight import preflight_sweep, sweep_jobs
 
 
 def run_cli(monkeypatch, tmp_path, capsys, *argv) -> tuple[int, str]:

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 import runner.cli  # noqa: F401 - registers the resolvers the eval config uses
-import runner.report as report_module
+import runner.report_header as report_module
 from runner import checkpoint
 from runner.config import compose
 from runner.data import dataset_info, load_dataset

@@ -5,7 +5,7 @@ import csv
 import math
 from pathlib import Path
 
-from runner.report import CONTRACT
+from runner.report_tables import CONTRACT
 from runner.summary.settings import settings_lines
 
 
