@@ -40,7 +40,7 @@ class DatasetConfig:
     augment: str = "none"  # none | crop_flip | crop
     crop_padding: int = 4
     label_noise: float = 0.0  # fraction of training labels flipped (never validation or test)
-    label_noise_kind: str = "symmetric"  # symmetric | asymmetric
+    label_noise_kind: str = "symmetric"  # symmetric | asymmetric (y+1 mod K) | patrini (class look-alikes)
     # synthetic only
     n_samples: int = 2000
     num_classes: int = 10

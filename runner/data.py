@@ -190,7 +190,8 @@ def load_splits(cfg, seed: int = 0) -> Splits:
         from runner.label_noise import corrupt_labels
 
         info = dataset_info(cfg)
-        noisy, flipped = corrupt_labels(train[1], cfg.label_noise, cfg.label_noise_kind, info.num_classes, seed)
+        noisy, flipped = corrupt_labels(train[1], cfg.label_noise, cfg.label_noise_kind, info.num_classes, seed,
+                                        cfg.name)
         train = (train[0], noisy)
     return Splits(train, val, test, dataset_info(cfg), flipped)
 

@@ -3,10 +3,11 @@ validation splits that every class can fill; a model whose layers take the datas
 the labels and on a weightless model so a bad size fails before any data is loaded.
 """
 
+from runner.label_noise import KINDS as LABEL_NOISE_KINDS
+from runner.label_noise import PATRINI_MAPS
 from runner.validation_groups import at_least, fail, fraction, one_of
 
 AUGMENTS = ("none", "crop", "crop_flip")
-LABEL_NOISE_KINDS = ("symmetric", "asymmetric")
 
 
 def check_dataset(d) -> None:
@@ -23,6 +24,9 @@ def check_dataset(d) -> None:
     at_least("dataset.crop_padding", d.crop_padding, 0)
     fraction("dataset.label_noise", d.label_noise)
     one_of("dataset.label_noise_kind", d.label_noise_kind, LABEL_NOISE_KINDS)
+    if d.label_noise > 0 and d.label_noise_kind == "patrini" and d.name not in PATRINI_MAPS:
+        fail("dataset.label_noise_kind", "patrini", f"Patrini et al.'s class map exists for {sorted(PATRINI_MAPS)}, "
+             f"not dataset.name={d.name!r}: use symmetric or asymmetric")
     if d.name == "synthetic":
         at_least("dataset.n_samples", d.n_samples, 1)
         at_least("dataset.num_classes", d.num_classes, 2)

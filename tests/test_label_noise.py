@@ -103,3 +103,45 @@ def test_loaded_label_noise_is_decided_by_the_seed():
     assert a.flipped.sum() == c.flipped.sum()
     for name in ("val", "test"):
         assert torch.equal(getattr(a, name)[1], getattr(c, name)[1])
+
+
+# ---- Patrini et al.'s class-dependent confusions ----------------------------------------------------
+
+
+@pytest.mark.parametrize("dataset, mapping", [
+    ("digits", {2: 7, 3: 8, 5: 6, 6: 5, 7: 1}),
+    ("cifar10", {9: 1, 2: 0, 4: 7, 3: 5, 5: 3}),  # truck, bird, deer -> automobile, airplane, horse; cat <-> dog
+])
+def test_patrini_flips_the_fraction_of_each_mapped_class_to_its_look_alike(dataset, mapping):
+    y = torch.arange(10).repeat_interleave(40)[torch.randperm(400, generator=torch.Generator().manual_seed(0))]
+    noisy, flipped = corrupt_labels(y, 0.3, "patrini", 10, seed=4, dataset=dataset)
+    assert torch.equal(flipped, noisy != y)
+    for c in range(10):
+        members = y == c
+        if c in mapping:
+            assert int(flipped[members].sum()) == 12  # round(0.3 * 40), drawn within the class
+            assert set(noisy[members & flipped].tolist()) == {mapping[c]}
+        else:
+            assert not flipped[members].any()
+    again, _ = corrupt_labels(y, 0.3, "patrini", 10, seed=4, dataset=dataset)
+    other, _ = corrupt_labels(y, 0.3, "patrini", 10, seed=5, dataset=dataset)
+    assert torch.equal(again, noisy) and not torch.equal(other, noisy)
+
+
+def test_patrini_needs_a_dataset_with_a_class_map():
+    with pytest.raises(ValueError, match="patrini.*synthetic"):
+        corrupt_labels(torch.arange(10), 0.2, "patrini", 10, seed=0, dataset="synthetic")
+
+
+def test_patrini_is_checked_against_the_dataset_before_the_run(compose_cfg, tmp_path):
+    from runner.data import load_splits
+    from runner.errors import ConfigError
+    from runner.train import run
+
+    cfg = compose_cfg("dataset.label_noise=0.4", "dataset.label_noise_kind=patrini")
+    splits = load_splits(cfg.dataset, seed=0)  # digits: the MNIST map
+    changed = splits.flipped.nonzero().flatten()
+    assert len(changed) > 0 and set(splits.train[1][changed].tolist()) <= {7, 8, 6, 5, 1}
+    with pytest.raises(ConfigError, match="dataset.label_noise_kind"):
+        run(compose_cfg("dataset=synthetic", "dataset.label_noise=0.4", "dataset.label_noise_kind=patrini"),
+            tmp_path)
