@@ -65,6 +65,10 @@ class MethodConfig:
     sam: bool = False
     rho: float | None = None  # SAM radius; None: the dataset's dataset.sam_rho (or asam_rho when adaptive)
     adaptive: bool = False  # ASAM
+    # SAM around a method with an attack (AT, TRADES, HR): rerun solves the attack again at w + e, the exact
+    # gradient of the composite loss; reuse keeps the first pass's adversarial batch (AWP-style), which
+    # saves one whole attack per step (SAM + PGD-10 AT on cnn_small: 2.02x AT's step rerun, 1.12x reuse).
+    sam_attack: str = "rerun"
 
 
 @dataclass

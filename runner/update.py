@@ -10,6 +10,7 @@ A non-finite loss never reaches the optimizer: the step is skipped and the logs 
 """
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -107,6 +108,7 @@ class SAMUpdate(Update):
     def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer):
         super().__init__(cfg, model, optimizer)
         self.adaptive = bool(cfg.method.adaptive)
+        self.reuse_attack = cfg.method.get("sam_attack", "rerun") == "reuse"
         self.rho = default_rho(cfg, self.adaptive) if cfg.method.rho is None else float(cfg.method.rho)
         if self.rho <= 0:
             raise ValueError(f"method.rho must be positive, got {self.rho}")
@@ -141,7 +143,8 @@ class SAMUpdate(Update):
         self.optimizer.zero_grad(set_to_none=True)
         try:
             with frozen_bn_statistics(model):
-                second_loss, _ = self._forward(model, method, x, y, ctx)
+                second_ctx = dataclasses.replace(ctx, reuse_attack=True) if self.reuse_attack else ctx
+                second_loss, _ = self._forward(model, method, x, y, second_ctx)
                 finite = _is_finite(second_loss)
                 if finite:
                     second_loss.backward()

@@ -23,6 +23,7 @@ BN_MODES = ("eval", "train")
 # The rules every check below (and in runner.validation_data / runner.validation) is written with.
 def fail(key: str, value, problem: str) -> None:
     raise ConfigError(f"{key}={value!r}: {problem}")
+SAM_ATTACKS = ("rerun", "reuse")  # method.sam_attack
 
 
 def one_of(key: str, value, allowed) -> None:
@@ -119,8 +120,9 @@ def check_method(cfg) -> None:
         return
     if method.get("rho") is not None:
         positive("method.rho", method.rho)
+    one_of("method.sam_attack", method.get("sam_attack", "rerun"), SAM_ATTACKS)
     if not method.get("sam", False):
-        for key, default in (("rho", None), ("adaptive", False)):
+        for key, default in (("rho", None), ("adaptive", False), ("sam_attack", "rerun")):
             if method.get(key, default) != default:
                 fail(f"method.{key}", method.get(key), f"has no effect: SAM is off for method={method.name} "
                       f"(method.sam=false); turn it on with method.sam=true, or use +method=sam")

@@ -24,11 +24,15 @@ class AT(Method):
     def adversarial(self, model, x, y, ctx, loss_fn=None):
         """The training attack at attack.eps_factor · threat.eps, generated in `attack.bn_mode`."""
         a = self.cfg.method.attack
-        with model_mode(model, a.bn_mode):
-            return pgd(
-                model, x, y, eps=a.eps_factor * ctx.eps, norm=ctx.norm, steps=a.steps, alpha=a.alpha,
-                restarts=a.restarts, init="uniform" if a.random_start else "zero", loss_fn=loss_fn,
-            )
+
+        def attack():
+            with model_mode(model, a.bn_mode):
+                return pgd(
+                    model, x, y, eps=a.eps_factor * ctx.eps, norm=ctx.norm, steps=a.steps, alpha=a.alpha,
+                    restarts=a.restarts, init="uniform" if a.random_start else "zero", loss_fn=loss_fn,
+                )
+
+        return self.reusable_attack(x, ctx, attack)
 
     def loss(self, model, x, y, ctx):
         x_adv = self.adversarial(model, x, y, ctx)

@@ -16,6 +16,7 @@ class StepContext:
     total_steps: int
     norm: str  # threat.norm: "linf" | "l2"
     eps: float  # threat.eps, pixel units
+    reuse_attack: bool = False  # SAM's second pass with method.sam_attack=reuse (see Method.reusable_attack)
 
 
 class Method:
@@ -34,6 +35,16 @@ class Method:
 
     def __init__(self, cfg):
         self.cfg = cfg
+        self._last_attack = None  # (batch, its adversarial batch): what SAM's second pass may reuse
+
+    def reusable_attack(self, x: torch.Tensor, ctx: StepContext, attack) -> torch.Tensor:
+        """`attack()`'s adversarial batch; on SAM's second pass with method.sam_attack=reuse, the one the
+        first pass made for this same batch instead (AWP-style: the attack is solved at w only)."""
+        if ctx.reuse_attack and self._last_attack is not None and self._last_attack[0] is x:
+            return self._last_attack[1]
+        x_adv = attack()
+        self._last_attack = (x, x_adv)
+        return x_adv
 
     def schedule_warnings(self, steps_per_epoch: int, epochs: int) -> list[str]:
         """What the run's length leaves undone of the method's own schedule (logged and kept in results.json)."""

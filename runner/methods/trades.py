@@ -49,6 +49,9 @@ class TRADES(Method):
             )
 
     def adversarial(self, model, x, y, ctx):
+        return self.reusable_attack(x, ctx, lambda: self._kl_attack(model, x, y, ctx))
+
+    def _kl_attack(self, model, x, y, ctx):
         a = self.cfg.method.attack
         with model_mode(model, a.bn_mode), torch.no_grad():
             clean_logits = model(x)

@@ -39,16 +39,24 @@ def unfinished_runs(root: Path) -> list[str]:
             lines.append(f"not counted: {run_dir} has no results.json ({detail})")
     return lines
 
-def erm_method_config() -> dict:
-    """What `method: null` (no +method: plain ERM) means, so that it groups with `+method=erm`."""
+def method_defaults(name: str) -> dict:
+    """The schema defaults of method `name` (what `method: null`, plain ERM, means when name is erm):
+    a run written before a method key existed then groups with one that sets it to its default."""
     try:
+        import importlib
         from dataclasses import asdict
 
-        from runner.methods.erm import Config
+        return asdict(importlib.import_module(f"runner.methods.{name}").Config())
+    except Exception:  # noqa: BLE001 - an unknown or older method: compare what the run recorded
+        return {"name": name}
 
-        return asdict(Config())
-    except Exception:  # noqa: BLE001 - an older runner: compare the name only
-        return {"name": "erm"}
+
+def with_defaults(defaults: dict, recorded: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in recorded.items():
+        nested = isinstance(value, dict) and isinstance(defaults.get(key), dict)
+        merged[key] = with_defaults(defaults[key], value) if nested else value
+    return merged
 
 
 def flatten(value, prefix: str, out: dict) -> dict:
@@ -101,8 +109,11 @@ def run_settings(results: dict) -> tuple[dict, bool]:
         }
         return {k: v for k, v in flatten(config, "", {}).items() if v is not None}, False
     config = dict(config)
-    if config.get("method") is None:
-        config["method"] = erm_method_config()
+    method = config.get("method")
+    if method is None:
+        config["method"] = method_defaults("erm")
+    elif isinstance(method, dict) and method.get("name"):
+        config["method"] = with_defaults(method_defaults(str(method["name"])), method)
     settings = {k: v for k, v in flatten(config, "", {}).items() if not ignored(k)}
     train = results.get("train") if isinstance(results.get("train"), dict) else {}
     evaluated = checkpoint_name(train)
