@@ -304,10 +304,10 @@ def _hydra_reraises():
 def _exit_for(err: BaseException, command: str) -> None:
     """Print one line (or a bug's traceback) for `err` and exit with its status."""
     from runner.errors import RunInterrupted, describe
+    from runner.tracking import NOT_RESUMABLE, RESUME_HINT
 
     if isinstance(err, KeyboardInterrupt):
-        again = ("run the same command again to resume" if command == "robust-train" else
-                 "an evaluation does not resume: run the same command again to evaluate from the start")
+        again = RESUME_HINT if command == "robust-train" else NOT_RESUMABLE
         print(f"{command}: interrupted (Ctrl-C); {again}", file=sys.stderr)
         sys.exit(130)
     if isinstance(err, RunInterrupted):
@@ -342,7 +342,7 @@ def _main(task, command: str, config_name: str) -> None:
             preflight = preflight_train if command == "robust-train" else preflight_eval
             run_dir = preflight(*single)
             if command == "robust-eval" and not any(o.startswith("hydra.run.dir=") for o in single[0]):
-                from runner.reevaluate import reserve_run_dir
+                from runner.tracking import reserve_run_dir
 
                 # outputs/evals/<second>: two evaluations started in the same second get a directory each
                 sys.argv.append(f"hydra.run.dir={reserve_run_dir(run_dir)}")

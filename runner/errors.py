@@ -56,7 +56,7 @@ def _short_reason(reason: str) -> str:
 
 def dataset_missing_message(name: str, root, reason: str) -> str:
     """One line for a torchvision dataset that is not on disk and could not be downloaded: where its files
-    are expected and how to get them there. (runner.data's `_missing_message` should return this.)"""
+    are expected and how to get them there (what runner.data raises)."""
     root = str(root)
     where = f"{root.rstrip('/')}/{DATASET_FILES[name]}" if name in DATASET_FILES else root
     return (
@@ -65,18 +65,6 @@ def dataset_missing_message(name: str, root, reason: str) -> str:
         f"root=<dir>) and copy the files there, or point dataset.data_dir (or $ROBUST_TRAIN_DATA) at a folder "
         f"that has them."
     )
-
-
-_MISSING = re.compile(r"^dataset '(?P<name>[^']+)' was not found under dataset\.data_dir='(?P<root>[^']*)' "
-                      r"\((?P<reason>.*?)\)\. Download it", re.DOTALL)
-
-
-def _dataset_unavailable(err) -> str:
-    text = str(err)
-    match = _MISSING.match(text)
-    if match and "expected in" not in text:
-        return dataset_missing_message(match["name"], match["root"], match["reason"])
-    return " ".join(text.split())
 
 
 def _checkpoint_error(err, command: str | None) -> str:
@@ -175,7 +163,7 @@ def describe(err: BaseException, command: str | None = None) -> str | None:
     if isinstance(err, RunInterrupted):
         return str(err)
     if isinstance(err, DatasetUnavailable):
-        return _dataset_unavailable(err)
+        return " ".join(str(err).split())
     if isinstance(err, CheckpointError):
         return _checkpoint_error(err, command)
     if isinstance(err, ConfigError | NonFiniteLoss | RunDirBusy):

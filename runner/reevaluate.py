@@ -15,14 +15,13 @@ from runner.data import load_splits, to_float
 from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
 from runner.report_header import threat_summary
-from runner.tracking import StopRequests, Tracker, run_environment, write_json
+from runner.tracking import NOT_RESUMABLE, StopRequests, Tracker, run_environment, write_json
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
 # What training decided: the checkpoint's values, never the command line's (results would carry another
 # run's labels: `+method=at` on an ERM checkpoint). Where to find the data may change.
 TRAINING_KEYS = ("method", "model", "dataset", "optimizer", "scheduler", "train", "seed", "deterministic", "resume")
 EVAL_MAY_CHANGE = ("dataset.data_dir", "dataset.download")
-NOT_RESUMABLE = "an evaluation does not resume: run the same command again to evaluate from the start"
 
 
 def resolve_checkpoint(path) -> Path:
@@ -159,21 +158,6 @@ def prepare(cfg, overrides: list[str]):
     check_eval_run(cfg)
     model = check_model_fits(cfg, state, path, dataset_info(cfg.dataset))
     return path, state, cfg, model
-
-
-def reserve_run_dir(path) -> Path:
-    """A new, empty evaluation directory: `path`, or `path-2`, `path-3`... when another evaluation started
-    in the same second already has it (each created atomically: two processes never get the same one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 10_000):
-        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
-        try:
-            candidate.mkdir(exist_ok=False)
-            return candidate
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free evaluation directory next to {str(path)!r}")
 
 
 def training_threat(saved: dict) -> dict | None:

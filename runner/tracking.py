@@ -216,6 +216,7 @@ def lock_run_dir(run_dir: Path):
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
 SIGNAL_NAMES = {"SIGINT": "Ctrl-C (SIGINT)"}
 RESUME_HINT = "run the same command again to resume"
+NOT_RESUMABLE = "an evaluation does not resume: run the same command again to evaluate from the start"
 
 
 class StopRequests:
@@ -283,6 +284,22 @@ class StopRequests:
         self._previous = {}
 
 
+def reserve_run_dir(path) -> Path:
+    """A new, empty directory: `path`, or `path-2`, `path-3`... when another process (an evaluation started
+    in the same second, an earlier kept evaluation) already has it. Each is created atomically: two
+    processes never get the same one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir(exist_ok=False)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free directory next to {str(path)!r}")
+
+
 # What an evaluation writes into the run directory (results.json, report.md and the report's plots).
 RESULT_FILES = ("results.json", "report.md", "*.png")
 
@@ -297,13 +314,7 @@ def keep_earlier_results(run_dir: Path, say=None) -> Path | None:
     if not results.exists():
         return None
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(results.stat().st_mtime))
-    earlier = run_dir / "earlier" / stamp
-    for n in range(2, 10_000):
-        try:
-            earlier.mkdir(parents=True, exist_ok=False)
-            break
-        except FileExistsError:
-            earlier = run_dir / "earlier" / f"{stamp}-{n}"
+    earlier = reserve_run_dir(run_dir / "earlier" / stamp)
     moved = []
     for pattern in RESULT_FILES:
         for path in sorted(run_dir.glob(pattern)):

@@ -16,7 +16,8 @@ from runner.config import compose
 from runner.data import dataset_info
 from runner.errors import ConfigError, RunInterrupted
 from runner.models import build_model
-from runner.reevaluate import prepare, reevaluate, reserve_run_dir
+from runner.reevaluate import prepare, reevaluate
+from runner.tracking import reserve_run_dir
 from runner.train import model_checkpoint
 
 CLEAN_ONLY = "eval.evaluators=[{name: clean}]"

@@ -230,12 +230,12 @@ def test_describe_leaves_bugs_alone():
 
 def test_a_missing_torchvision_dataset_is_one_line_naming_where_the_files_go(tmp_path):
     from runner.data import DatasetUnavailable
-    from runner.errors import describe
+    from runner.errors import dataset_missing_message, describe
 
     torchvision_text = ("Error downloading train-images-idx3-ubyte.gz:\nTried https://example/mnist/, got:\n"
                         "<urlopen error [Errno -2] Name or service not known>\n")
-    err = DatasetUnavailable(f"dataset 'mnist' was not found under dataset.data_dir='{tmp_path}' (download "
-                             f"failed: RuntimeError: {torchvision_text}). Download it on a machine with internet")
+    reason = f"download failed: RuntimeError: {torchvision_text}"
+    err = DatasetUnavailable(dataset_missing_message("mnist", tmp_path, reason))
     line = describe(err)
     assert "\n" not in line and "urlopen" not in line and "no network" in line
     assert f"{tmp_path}/MNIST/raw/" in line and "dataset.data_dir" in line

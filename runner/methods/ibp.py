@@ -134,14 +134,13 @@ class IBP(Method):
 
     def schedule_warnings(self, steps_per_epoch, epochs):
         m = self.cfg.method
-        total = steps_per_epoch * epochs
-        ramp_end = round(m.warmup_epochs * steps_per_epoch) + round(m.ramp_epochs * steps_per_epoch)
-        if ramp_end <= total:
+        last_step = steps_per_epoch * epochs - 1
+        if ramp_fraction(last_step, steps_per_epoch, m.warmup_epochs, m.ramp_epochs) >= 1:
             return []
         eps_train = m.eps_factor * float(self.cfg.threat.eps)
-        reached = eps_at(total - 1, steps_per_epoch, m, eps_train)
+        reached = eps_at(last_step, steps_per_epoch, m, eps_train)
         return [
-            f"the eps ramp ends after epoch {ramp_end / steps_per_epoch:g} (method.warmup_epochs + "
+            f"the eps ramp ends after epoch {m.warmup_epochs + m.ramp_epochs:g} (method.warmup_epochs + "
             f"method.ramp_epochs) but training stops after {epochs}: the last step trains at eps {reached:.4g}, "
             f"{reached / eps_train:.1%} of eps_train {eps_train:.4g}, so certificates at threat.eps will be few; "
             f"shorten the ramp or train longer"
