@@ -51,6 +51,8 @@ METHOD_CASES = {
     "trades_k10": ["+method=trades", "method.attack.steps=10"],
     "hr_k10": ["+method=hr", "method.attack.steps=10", "method.alpha=0.05", "method.r=0.1"],
     "sam": ["+method=sam"],
+    # AWP around AT (no target: the cost of one more forward-backward on the reused adversarial batch).
+    "at_k10_awp": ["+method=at", "method.attack.steps=10", "method.awp=true"],
     # IBP's schedule is pinned here so the cases do not move with its defaults; steps run at step 5000 of
     # 100-step epochs: "ibp" after the eps ramp (the steady state), "ibp_ramp" half-way up it (the
     # warm-up regulariser on, where the method's config has one).
@@ -63,6 +65,7 @@ METHOD_CASES = {
 METHOD_MODULE = {
     "at_k1": "at",
     "at_k10": "at",
+    "at_k10_awp": "at",
     "trades_k10": "trades",
     "hr_k10": "hr",
     "sam": "sam",
@@ -278,9 +281,14 @@ def method_ratios(methods: dict) -> dict:
         return None if a is None or b is None else a / (scale * b)
 
     erm = get("erm")
+    awp = div(get("at_k10_awp"), get("at_k10"))
     return {
         "at_k1_step_ratio": ratio_entry("at_k1_step_ratio", div(get("at_k1"), erm, 2)),
-        "at_k10_step_ratio": ratio_entry("at_k10_step_ratio", div(get("at_k10"), erm, 11)),
+        "at_k10_step_ratio": ratio_entry(
+            "at_k10_step_ratio",
+            div(get("at_k10"), erm, 11),
+            f"with AWP (method.awp): {awp and round(awp, 3)} x AT's step",
+        ),
         "trades_k10_step_ratio": ratio_entry("trades_k10_step_ratio", div(get("trades_k10"), erm, 12)),
         "hr_over_at": ratio_entry("hr_over_at", div(get("hr_k10"), get("at_k10")), "HR alpha 0.05, r 0.1"),
         "sam_over_erm": ratio_entry("sam_over_erm", div(get("sam"), erm)),

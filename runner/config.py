@@ -69,6 +69,10 @@ class MethodConfig:
     # gradient of the composite loss; reuse keeps the first pass's adversarial batch (AWP-style), which
     # saves one whole attack per step (SAM + PGD-10 AT on cnn_small: 2.02x AT's step rerun, 1.12x reuse).
     sam_attack: str = "rerun"
+    # AWP (Wu et al. 2020): layer-wise adversarial weight perturbation around the method's loss (runner/awp.py).
+    awp: bool = False
+    awp_gamma: float | None = None  # None: the method's reference value (AT 0.01, TRADES 0.005)
+    awp_warmup: int = 0  # epochs of plain updates first (the reference: AT 0, TRADES 10)
 
 
 @dataclass

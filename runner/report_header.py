@@ -31,7 +31,28 @@ def threat_text(threat: dict | None) -> str:
     return f"{threat.get('norm')} {eps_text(threat.get('norm'), threat.get('eps'))}"
 
 
-def recipe_text(method: dict | None, train_eps: float | None, norm: str | None) -> str:
+def update_text(update: dict | None, method: dict, dataset: dict | None) -> str | None:
+    """The update rule around the loss, from results.json's `run.update` (its resolved settings) or, for
+    runs written before it existed, from the config."""
+    if not update:
+        if not (method.get("sam") or method.get("name") == "sam"):
+            return None
+        adaptive = bool(method.get("adaptive"))
+        rho = method.get("rho")
+        if rho is None:
+            rho = (dataset or {}).get("asam_rho" if adaptive else "sam_rho")
+        update = {"rule": "asam" if adaptive else "sam", "rho": rho}
+    if update.get("rule") in ("sam", "asam"):
+        reuse = ", attack reused" if update.get("attack") == "reuse" else ""
+        return f"{update['rule'].upper()} rho={value_text(update.get('rho'))}{reuse}"
+    if update.get("rule") == "awp":
+        warmup = update.get("warmup_epochs") or 0
+        return f"AWP gamma={value_text(update.get('gamma'))}" + (f" after {warmup} epochs" if warmup else "")
+    return None
+
+
+def recipe_text(method: dict | None, train_eps: float | None, norm: str | None, update: dict | None = None,
+                dataset: dict | None = None) -> str:
     """The training method with what decides its robustness: e.g. "at: PGD-10 at 1.2 x eps = 0.12"."""
     if not isinstance(method, dict) or not method.get("name"):
         return "erm (plain training)"
@@ -56,8 +77,9 @@ def recipe_text(method: dict | None, train_eps: float | None, norm: str | None) 
     for key in ("beta", "alpha", "r", "kappa"):
         if key in method and not isinstance(method[key], dict) and method[key] is not None:
             parts.append(f"{key}={value_text(method[key])}")
-    if method.get("sam") or method.get("name") == "sam":
-        parts.append(f"{'ASAM' if method.get('adaptive') else 'SAM'} rho={value_text(method.get('rho'))}")
+    rule = update_text(update, method, dataset)
+    if rule:
+        parts.append(rule)
     return f"{method['name']}: " + ", ".join(parts) if parts else method["name"]
 
 
@@ -113,12 +135,16 @@ def header_lines(cfg, out: dict, model_source: str | None = None, run_dir: Path 
     batch = (train_config.get("train") or {}).get("batch_size", select("train.batch_size"))
     optim_text = (f"; {optimizer.get('name')} lr {number(optimizer.get('lr'))}, batch {batch}"
                   if optimizer.get("name") else "")
+    dataset_cfg = train_config.get("dataset")
+    if dataset_cfg is None and OmegaConf.is_config(select("dataset")):
+        dataset_cfg = OmegaConf.to_container(select("dataset"), resolve=True)
+    recipe = recipe_text(method_cfg, train_threat.get("eps"), train_threat.get("norm"), run.get("update"), dataset_cfg)
     lines = [
         f"# Evaluation report: {method} on {run.get('dataset') or select('dataset.name')}, "
         f"{run.get('model') or select('model.name')}",
         "",
         *([f"- model: {model_source}"] if model_source else []),
-        f"- trained: training seed {seed}; {recipe_text(method_cfg, train_threat.get('eps'), train_threat.get('norm'))}"
+        f"- trained: training seed {seed}; {recipe}"
         f"; threat {threat_text(train_threat)}{optim_text}",
         f"- training length: {epochs_text}; evaluated checkpoint: {which}"
         f" (epoch {ckpt_epoch if ckpt_epoch is not None else 'unknown'})",

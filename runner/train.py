@@ -35,7 +35,7 @@ from runner.tracking import (
     run_environment,
     write_json,
 )
-from runner.update import build_update
+from runner.update import build_update, describe_update
 from runner.validation import check_device, check_run, check_writable_dir
 
 
@@ -68,6 +68,7 @@ def run_summary(cfg) -> dict:
         "threat": threat_summary(cfg.threat.norm, cfg.threat.eps),
         "label_noise": {"fraction": cfg.dataset.label_noise, "kind": cfg.dataset.label_noise_kind},
         "train_fraction": cfg.dataset.train_fraction,
+        "update": describe_update(cfg),
     }
 
 

@@ -1,9 +1,9 @@
 """Update rules: one optimisation step around any method's loss.
 
-`build_update(cfg, model, optimizer)` returns the plain rule, or SAM/ASAM when `cfg.method.sam` is true
-(Foret et al. 2021; davda54/sam; Kwon et al. 2021). The training loop calls
-`update(model, method, x, y, ctx)` once per batch and owns the scheduler, which stays attached to the
-base optimizer: SAM only changes which gradient that optimizer sees.
+`build_update(cfg, model, optimizer)` returns the plain rule, SAM/ASAM when `cfg.method.sam` is true
+(Foret et al. 2021; davda54/sam; Kwon et al. 2021), or AWP when `cfg.method.awp` is (runner/awp.py). The
+training loop calls `update(model, method, x, y, ctx)` once per batch and owns the scheduler, which stays
+attached to the base optimizer: SAM and AWP only change which gradient that optimizer sees.
 
 A non-finite loss never reaches the optimizer: the step is skipped and the logs carry
 `nonfinite: 1.0`, so the loop applies `cfg.train.nonfinite` (stop or skip).
@@ -169,8 +169,26 @@ def default_rho(cfg, adaptive: bool) -> float:
     return float(dataset.get(key, getattr(DatasetConfig, key)))
 
 
+def describe_update(cfg) -> dict:
+    """The update rule with its resolved settings, for results.json's `run.update`."""
+    method = cfg.get("method") or {}
+    if method.get("sam", False):
+        adaptive = bool(method.get("adaptive", False))
+        rho = default_rho(cfg, adaptive) if method.get("rho") is None else float(method.rho)
+        return {"rule": "asam" if adaptive else "sam", "rho": rho, "attack": method.get("sam_attack", "rerun")}
+    if method.get("awp", False):
+        from runner.awp import awp_gamma
+
+        return {"rule": "awp", "gamma": awp_gamma(cfg), "warmup_epochs": int(method.get("awp_warmup", 0))}
+    return {"rule": "plain"}
+
+
 def build_update(cfg, model: nn.Module, optimizer: torch.optim.Optimizer) -> Update:
     method_cfg = cfg.get("method") if hasattr(cfg, "get") else getattr(cfg, "method", None)
     if method_cfg is not None and bool(method_cfg.get("sam", False)):
         return SAMUpdate(cfg, model, optimizer)
+    if method_cfg is not None and bool(method_cfg.get("awp", False)):
+        from runner.awp import AWPUpdate  # it builds on this module
+
+        return AWPUpdate(cfg, model, optimizer)
     return Update(cfg, model, optimizer)

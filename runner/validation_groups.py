@@ -126,6 +126,18 @@ def check_method(cfg) -> None:
             if method.get(key, default) != default:
                 fail(f"method.{key}", method.get(key), f"has no effect: SAM is off for method={method.name} "
                       f"(method.sam=false); turn it on with method.sam=true, or use +method=sam")
+    if method.get("awp", False):
+        if method.get("sam", False):
+            fail("method.awp", True, "cannot be combined with method.sam=true: both perturb the weights before "
+                 "the step (SAM in one global rho-ball, AWP layer by layer); pick one")
+        if method.get("awp_gamma") is not None:
+            positive("method.awp_gamma", method.awp_gamma)
+        at_least("method.awp_warmup", method.get("awp_warmup", 0), 0, ">= 0 (epochs of plain updates first)")
+    else:
+        for key, default in (("awp_gamma", None), ("awp_warmup", 0)):
+            if method.get(key, default) != default:
+                fail(f"method.{key}", method.get(key), f"has no effect: AWP is off for method={method.name} "
+                      f"(method.awp=false); turn it on with method.awp=true")
     for key in ("kappa_start", "kappa_end"):
         if method.get(key) is not None:
             fraction(f"method.{key}", method.get(key), closed_high=True)

@@ -32,6 +32,8 @@ class Method:
     # early stopping on the validation score (Rice et al.'s protocol for AT); "last" the final model of a
     # fixed schedule (ERM, SAM, TRADES: their references select nothing on held-out data).
     reported_checkpoint = "best"
+    # AWP's gamma when method.awp_gamma is null: the reference's value for this loss (Wu et al.: AT 0.01).
+    awp_gamma = 0.01
 
     def __init__(self, cfg):
         self.cfg = cfg

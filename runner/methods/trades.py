@@ -37,6 +37,7 @@ def kl_per_example(clean_logits: torch.Tensor, adv_logits: torch.Tensor) -> torc
 class TRADES(Method):
     select_on = "pgd"
     reported_checkpoint = "last"
+    awp_gamma = 0.005  # TRADES-AWP (csdongxian/AWP, trades_AWP)
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -1,0 +1,96 @@
+"""Adversarial weight perturbation (Wu et al. 2020, csdongxian/AWP) around any method's loss: `method.awp=true`.
+
+Per step, after `awp_warmup` epochs:
+1. g = ∇L(w) on the batch, with the method's adversarial batch solved once, at w. The reference takes this
+   gradient on a proxy copy of the model, so BatchNorm's running statistics do not see this pass.
+2. Each weight tensor of two or more dimensions (convolution and linear weights; not biases, not BatchNorm)
+   moves by v_l = γ·‖w_l‖·g_l/‖g_l‖: a step of size γ relative to the layer's own norm.
+3. g' = ∇L(w + v) on the same adversarial batch; the base optimizer steps at w + v with g' (clipped, when
+   train.grad_clip is set), then v is subtracted, as the reference does.
+
+γ: method.awp_gamma, or the method's reference value (`Method.awp_gamma`: 0.01 for AT, 0.005 for TRADES).
+SAM (`method.sam`) is the global-ball relative of this rule and cannot be combined with it.
+"""
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from runner.update import Update, _is_finite, _loggable, frozen_bn_statistics
+
+# The reference's guard against a zero gradient: v = 0 where g = 0.
+NORM_FLOOR = 1e-20
+
+
+def awp_gamma(cfg, method=None) -> float:
+    """method.awp_gamma, or the reference value for the run's method when it is null."""
+    gamma = cfg.method.get("awp_gamma")
+    if gamma is not None:
+        return float(gamma)
+    if method is None:
+        from runner.methods import build_method
+
+        method = build_method(cfg)
+    return float(method.awp_gamma)
+
+
+def perturbed_weights(model: nn.Module) -> list[torch.Tensor]:
+    """The tensors AWP moves: trainable weights of two or more dimensions that received a gradient."""
+    return [p for p in model.parameters() if p.requires_grad and p.grad is not None and p.dim() > 1]
+
+
+@torch.no_grad()
+def layerwise_perturbation(weights: list[torch.Tensor], gamma: float) -> list[torch.Tensor]:
+    """v_l = γ·‖w_l‖·g_l/‖g_l‖ from the gradients currently stored in `.grad`."""
+    return [
+        w.grad * (gamma * torch.linalg.vector_norm(w) / (torch.linalg.vector_norm(w.grad) + NORM_FLOOR))
+        for w in weights
+    ]
+
+
+class AWPUpdate(Update):
+    def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer):
+        super().__init__(cfg, model, optimizer)
+        self.cfg = cfg
+        self.warmup_epochs = int(cfg.method.get("awp_warmup", 0))
+        self.gamma = None  # resolved on the first step, from the method object the loop passes in
+
+    def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
+        if ctx.epoch < self.warmup_epochs:
+            return super().__call__(model, method, x, y, ctx)
+        if self.gamma is None:
+            self.gamma = awp_gamma(self.cfg, method)
+        self.optimizer.zero_grad(set_to_none=True)
+        # Unlike SAM's, this gradient is all-reduced under DDP: the reference's proxy sees the whole batch,
+        # and every rank must move its weights by the same v for the subtraction below to agree.
+        with frozen_bn_statistics(model):
+            loss, logs = self._forward(model, method, x, y, ctx)
+            if not _is_finite(loss):
+                return {**_loggable(logs, loss), "nonfinite": 1.0}
+            loss.backward()
+        weights = perturbed_weights(model)
+        perturbation = layerwise_perturbation(weights, self.gamma)
+        originals = [w.detach().clone() for w in weights]
+        with torch.no_grad():
+            for w, v in zip(weights, perturbation):
+                w.add_(v)
+        self.optimizer.zero_grad(set_to_none=True)
+        stepped = False
+        try:
+            second_loss, _ = self._forward(model, method, x, y, dataclasses.replace(ctx, reuse_attack=True))
+            out = {**_loggable(logs, loss), "awp/loss_perturbed": second_loss.detach().float()}
+            if not _is_finite(second_loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                return {**out, "nonfinite": 1.0}
+            second_loss.backward()
+            out.update(self._clip(model))
+            self.optimizer.step()
+            stepped = True
+        finally:
+            with torch.no_grad():
+                for w, v, original in zip(weights, perturbation, originals):
+                    # After the step: w + v - lr·u - v, the reference's order (its weight decay sees w + v).
+                    # Without one (a non-finite loss, an error): the originals, bit for bit.
+                    w.sub_(v) if stepped else w.copy_(original)
+        return out
