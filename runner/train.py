@@ -208,7 +208,9 @@ def run(cfg, run_dir: Path) -> dict:
             if changed:
                 tracker.warning("resuming with a config that differs from the checkpoint's: "
                                 + "; ".join(changed))
-            tracker.info(f"resumed at epoch {start_epoch} batch {resume_batch} (step {step})")
+            # Epochs are numbered from 1, as in the log's epoch lines.
+            tracker.info(f"resumed in epoch {start_epoch + 1} after batch {resume_batch} (step {step})" if resume_batch
+                         else f"resumed after epoch {start_epoch} (step {step})")
         else:
             method.setup(model)
         schedule_warnings = method.schedule_warnings(steps_per_epoch, epochs)
@@ -266,7 +268,7 @@ def run(cfg, run_dir: Path) -> dict:
                         if procs.is_main:
                             checkpoint.save(training_state(epoch, batch + 1, elapsed), ckpt_dir / "last.pt",
                                             keep_previous=True)
-                        where = f"at epoch {epoch} batch {batch + 1} (step {step}), checkpointed"
+                        where = f"in epoch {epoch + 1} after batch {batch + 1} (step {step}), checkpointed"
                         raise stop.interrupted(where)
                 train_time += time.perf_counter() - epoch_start
                 distributed.average_buffers(model, procs)
@@ -364,6 +366,6 @@ def nonfinite_message(cfg, logs: dict, epoch: int, step: int, skipped: int, ckpt
              else "no checkpoint was written yet (it diverged in the first epoch)")
     cause = ("a non-finite loss" if cfg.train.nonfinite == "stop"
              else f"{skipped} non-finite steps (more than train.max_skips={cfg.train.max_skips})")
-    return (f"training stopped on {cause} (loss={float(logs['loss'])}) at epoch {epoch} step {step}; "
+    return (f"training stopped on {cause} (loss={float(logs['loss'])}) in epoch {epoch + 1} at step {step}; "
             f"{where}. Lower optimizer.lr (now {cfg.optimizer.lr}), set train.grad_clip, "
             f"or use train.nonfinite=skip")

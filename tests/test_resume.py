@@ -42,7 +42,14 @@ PROCESSES = multiprocessing.get_context("forkserver")
 PROCESSES.set_forkserver_preload(["runner.cli", "runner.train"])
 
 STEP_LINE = re.compile(r"\] step (\d+) epoch=")  # the plain log line of one training step (log_every=1)
-RESUMED_LINE = re.compile(r"resumed at epoch (\d+) batch (\d+) \(step (\d+)\)")
+# "resumed after epoch E (step S)" or "resumed in epoch E after batch B (step S)", epochs from 1.
+RESUMED_LINE = re.compile(r"resumed (?:after epoch (\d+)|in epoch (\d+) after batch (\d+)) \(step (\d+)\)")
+
+
+def _resumed_at(out: str) -> list[tuple[int, int, int]]:
+    """(0-based epoch, batches done in it, step) of each resume line."""
+    return [(int(done), 0, int(step)) if done else (int(epoch) - 1, int(batch), int(step))
+            for done, epoch, batch, step in RESUMED_LINE.findall(out)]
 
 
 def _hold_at_gate(gate_step: int, release: str) -> None:
@@ -131,7 +138,7 @@ def assert_trained_on_from(launched: Launched, out: str, start: dict | None) -> 
     launch that ignored the checkpoint and retrained from step 1 ends bitwise equal all the same
     (training is deterministic); this is what tells them apart. Returns the steps it logged."""
     steps = launched.steps()
-    resumed = [tuple(map(int, match)) for match in RESUMED_LINE.findall(out)]
+    resumed = _resumed_at(out)
     if start is None:
         assert resumed == [], out
         first = 1
@@ -405,7 +412,7 @@ def test_resume_from_a_given_checkpoint_continues_it_in_a_new_run_dir(tmp_path, 
     assert spy.steps == list(range(SMALL_STEPS_PER_EPOCH, 2 * SMALL_STEPS_PER_EPOCH))  # epoch 1 only
     spy.assert_started_from(saved)
     log = (tmp_path / "second" / "train.log").read_text()
-    assert f"resumed at epoch 1 batch 0 (step {SMALL_STEPS_PER_EPOCH})" in log
+    assert f"resumed after epoch 1 (step {SMALL_STEPS_PER_EPOCH})" in log
     assert_identical(checkpoint.load(tmp_path / "second" / "checkpoints" / "last.pt")["model"],
                      checkpoint.load(tmp_path / "reference" / "checkpoints" / "last.pt")["model"])
 
@@ -428,14 +435,14 @@ def test_resuming_with_a_changed_config_warns_and_names_the_keys(tmp_path):
     # Keys that do not change what is trained (logging, evaluation, device) resume without a warning.
     run(small_config(**{"train.epochs": 1, "train.log_every": 7, "eval.n_examples": 50}), directory)
     log = (directory / "train.log").read_text()
-    assert log.count("resumed at epoch 1") == 1 and "differs" not in log
+    assert log.count("resumed after epoch 1") == 1 and "differs" not in log
     run(small_config(**{"optimizer.lr": 0.05}), directory)  # and train.epochs 1 -> 2
     log = (directory / "train.log").read_text()
     warning = [line for line in log.splitlines() if "differs from the checkpoint's" in line]
     assert len(warning) == 1 and "WARNING" in warning[0], log
     assert "optimizer.lr: 0.1 -> 0.05" in warning[0] and "train.epochs: 1 -> 2" in warning[0]
     assert "train.log_every" not in warning[0]
-    assert log.count("resumed at epoch 1 batch 0") == 2
+    assert log.count("resumed after epoch 1 (") == 2
 
 
 def test_a_signal_outside_the_training_loop_stops_at_once():

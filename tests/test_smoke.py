@@ -145,7 +145,7 @@ def test_resume_is_exact(compose_cfg, tmp_path, monkeypatch):
     b = weights(tmp_path / "resumed/checkpoints/last.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
     log = (tmp_path / "resumed" / "train.log").read_text()
-    assert f"resumed at epoch 2 batch 0 (step {saved['step']})" in log
+    assert f"resumed after epoch 2 (step {saved['step']})" in log
     # The second process trained the steps after the checkpoint's, each once: total - checkpointed.
     assert seen["steps"] == list(range(saved["step"], 4 * steps_per_epoch))
     rows = [json.loads(line) for line in metrics.read_text().splitlines()[first_run_rows:]]

@@ -116,7 +116,7 @@ def test_submitit_job_stopped_by_the_time_limit_signal_is_requeued_and_resumes(t
     assert sweep.returncode == 0, output[-4000:]
     log = _read(run_dir / "train.log")
     assert "stopped by SIGUSR1" in log
-    assert "resumed at epoch 0 batch" in log  # mid-epoch, in the same directory
+    assert "resumed in epoch 1 after batch" in log  # mid-epoch, in the same directory
     assert json.loads((run_dir / "status.json").read_text())["status"] == "completed"
     assert json.loads((run_dir / "results.json").read_text())["train"]["steps"] == 3 * 21
     submitit_logs = "".join(_read(p) for p in (sweep_dir / ".submitit").rglob("*.err"))
