@@ -259,7 +259,13 @@ def run(cfg, run_dir: Path) -> dict:
                         skipped += 1
                         if cfg.train.nonfinite == "stop" or skipped > cfg.train.max_skips:
                             raise NonFiniteLoss(nonfinite_message(cfg, logs, epoch, step, skipped, ckpt_dir))
-                    scheduler.step()
+                        # The schedule follows the step count, skipped steps included; torch's warning about a
+                        # scheduler step before any optimizer step would only confuse here.
+                        with warnings.catch_warnings():
+                            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                            scheduler.step()
+                    else:
+                        scheduler.step()
                     step += 1
                     tracker.step(step, {**logs, "nonfinite_skipped": skipped} if skipped else logs, epoch,
                                  optimizer.param_groups[0]["lr"])
