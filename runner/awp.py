@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from runner.update import Update, _is_finite, _loggable, frozen_bn_statistics
+from runner.update import Update, frozen_bn_statistics, is_finite, loggable
 
 # The reference's guard against a zero gradient: v = 0 where g = 0.
 NORM_FLOOR = 1e-20
@@ -66,8 +66,8 @@ class AWPUpdate(Update):
         # and every rank must move its weights by the same v for the subtraction below to agree.
         with frozen_bn_statistics(model):
             loss, logs = self._forward(model, method, x, y, ctx)
-            if not _is_finite(loss):
-                return {**_loggable(logs, loss), "nonfinite": 1.0}
+            if not is_finite(loss):
+                return {**loggable(logs, loss), "nonfinite": 1.0}
             loss.backward()
         weights = perturbed_weights(model)
         perturbation = layerwise_perturbation(weights, self.gamma)
@@ -79,8 +79,8 @@ class AWPUpdate(Update):
         stepped = False
         try:
             second_loss, _ = self._forward(model, method, x, y, dataclasses.replace(ctx, reuse_attack=True))
-            out = {**_loggable(logs, loss), "awp/loss_perturbed": second_loss.detach().float()}
-            if not _is_finite(second_loss):
+            out = {**loggable(logs, loss), "awp/loss_perturbed": second_loss.detach().float()}
+            if not is_finite(second_loss):
                 self.optimizer.zero_grad(set_to_none=True)
                 return {**out, "nonfinite": 1.0}
             second_loss.backward()

@@ -27,11 +27,11 @@ def _loss_context(precision: str, device_type: str):
     raise ValueError(f"train.precision must be 'fp32' or 'bf16', got {precision!r}")
 
 
-def _is_finite(loss: torch.Tensor) -> bool:
+def is_finite(loss: torch.Tensor) -> bool:
     return bool(torch.isfinite(loss.detach()).all())
 
 
-def _loggable(logs: dict, loss: torch.Tensor) -> dict:
+def loggable(logs: dict, loss: torch.Tensor) -> dict:
     out = dict(logs)
     out["loss"] = loss.detach().float()
     return out
@@ -62,10 +62,10 @@ class Update:
     def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
         loss, logs = self._forward(model, method, x, y, ctx)
-        if not _is_finite(loss):
-            return {**_loggable(logs, loss), "nonfinite": 1.0}
+        if not is_finite(loss):
+            return {**loggable(logs, loss), "nonfinite": 1.0}
         loss.backward()
-        logs = {**_loggable(logs, loss), **self._clip(model)}
+        logs = {**loggable(logs, loss), **self._clip(model)}
         self.optimizer.step()
         return logs
 
@@ -131,8 +131,8 @@ class SAMUpdate(Update):
         no_sync = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
             loss, logs = self._forward(model, method, x, y, ctx)
-            if not _is_finite(loss):
-                return {**_loggable(logs, loss), "nonfinite": 1.0}
+            if not is_finite(loss):
+                return {**loggable(logs, loss), "nonfinite": 1.0}
             loss.backward()
         params = self._params(model)
         perturbation = self.perturbation(params)
@@ -145,14 +145,14 @@ class SAMUpdate(Update):
             with frozen_bn_statistics(model):
                 second_ctx = dataclasses.replace(ctx, reuse_attack=True) if self.reuse_attack else ctx
                 second_loss, _ = self._forward(model, method, x, y, second_ctx)
-                finite = _is_finite(second_loss)
+                finite = is_finite(second_loss)
                 if finite:
                     second_loss.backward()
         finally:
             with torch.no_grad():  # copy back rather than subtract e: w + e - e can differ in the last bit
                 for p, original in zip(params, originals):
                     p.copy_(original)
-        out = {**_loggable(logs, loss), "sam/loss_perturbed": second_loss.detach().float()}
+        out = {**loggable(logs, loss), "sam/loss_perturbed": second_loss.detach().float()}
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return {**out, "nonfinite": 1.0}
