@@ -323,6 +323,15 @@ def _exit_for(err: BaseException, command: str) -> None:
     sys.exit(1)
 
 
+def _own_directory(key: str, path, overrides: list[str]) -> None:
+    """robust-eval's outputs/evals/<second>: two evaluations (or sweeps) started in the same second get a
+    directory each, unless the user named one."""
+    if not any(o.startswith(f"{key}=") for o in overrides):
+        from runner.tracking import reserve_run_dir
+
+        sys.argv.append(f"{key}={reserve_run_dir(path)}")
+
+
 def _main(task, command: str, config_name: str) -> None:
     global _report_in_task
     if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
@@ -341,16 +350,15 @@ def _main(task, command: str, config_name: str) -> None:
 
             preflight = preflight_train if command == "robust-train" else preflight_eval
             run_dir = preflight(*single)
-            if command == "robust-eval" and not any(o.startswith("hydra.run.dir=") for o in single[0]):
-                from runner.tracking import reserve_run_dir
-
-                # outputs/evals/<second>: two evaluations started in the same second get a directory each
-                sys.argv.append(f"hydra.run.dir={reserve_run_dir(run_dir)}")
+            if command == "robust-eval":
+                _own_directory("hydra.run.dir", run_dir, single[0])
         sweep = _single_run_overrides(sys.argv[1:], config_name, multirun=True)
         if sweep is not None:  # every job checked before the sweeper writes or launches anything
             from runner.preflight import preflight_sweep
 
-            preflight_sweep(*sweep)
+            sweep_dir = preflight_sweep(*sweep)
+            if command == "robust-eval" and sweep_dir:
+                _own_directory("hydra.sweep.dir", sweep_dir, sweep[0])
         with _hydra_reraises():
             task()
     except SystemExit:

@@ -62,21 +62,21 @@ def sweep_jobs(overrides: list[str], params: dict | None = None) -> tuple[list[l
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch], swept
 
 
-def preflight_sweep(overrides: list[str], config_name: str = "train") -> None:
+def preflight_sweep(overrides: list[str], config_name: str = "train") -> str | None:
     """Every job of a `-m` sweep composed and checked as `preflight_train` / `preflight_eval` check a single
     run, before the sweeper writes anything (multirun.yaml included) or launches a job: a bad value in
     any job fails the whole sweep up front, naming the job. Other sweepers than Hydra's basic one are left
-    to check their jobs as they start."""
+    to check their jobs as they start. Returns the sweep directory (None when the jobs were not checked)."""
     from omegaconf import OmegaConf
 
     from runner.errors import describe
 
     jobs, swept = sweep_jobs(overrides)
     if not jobs:
-        return
-    _, _, sweeper = _compose(jobs[0], config_name, sweep=True)
+        return None
+    _, first_sweep_dir, sweeper = _compose(jobs[0], config_name, sweep=True)
     if sweeper.get("_target_") != BASIC_SWEEPER:
-        return
+        return None
     params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
     if params:
         jobs, swept = sweep_jobs(overrides, params)
@@ -99,3 +99,4 @@ def preflight_sweep(overrides: list[str], config_name: str = "train") -> None:
             varied = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
             raise ConfigError(f"sweep job {number} of {len(jobs)} ({varied or 'no swept keys'}): {message}; "
                               f"no job was launched") from None
+    return first_sweep_dir

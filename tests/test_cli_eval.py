@@ -38,33 +38,48 @@ def test_reserve_run_dir_never_hands_out_a_directory_twice(tmp_path):
     assert first.is_dir() and second.is_dir()
 
 
+# A child robust-eval whose pre-flight finds its directory (a run's, or a sweep's first job's) taken by
+# another evaluation started in the same second.
 CHILD = """
+import pathlib
 import sys
 import runner.preflight as v
-original = v.preflight_eval
-def taken(*args, **kwargs):  # another evaluation started in the same second and holds the directory
+original = v.PREFLIGHT
+def taken(*args, **kwargs):
     run_dir = original(*args, **kwargs)
-    import pathlib
-    pathlib.Path(run_dir).mkdir(parents=True)
-    (pathlib.Path(run_dir) / "results.json").write_text("theirs")
+    pathlib.Path(run_dir, "JOB").mkdir(parents=True)
+    pathlib.Path(run_dir, "JOB", "results.json").write_text("theirs")
     print("TAKEN", run_dir, file=sys.stderr)
     return run_dir
-v.preflight_eval = taken
+v.PREFLIGHT = taken
 sys.argv = ["robust-eval", *sys.argv[1:]]
 from runner.cli import eval_main
 eval_main()
 """
 
 
-def test_two_evaluations_in_the_same_second_get_a_directory_each(tmp_path, erm_checkpoint):
+def _evaluate_beside_a_taken_directory(tmp_path, preflight: str, job: str, argv: list[str]) -> tuple[Path, Path]:
+    """(the taken directory, the one the child wrote to instead)."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    out = subprocess.run([sys.executable, "-c", CHILD, f"ckpt={erm_checkpoint}", CLEAN_ONLY, "device=cpu"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    child = CHILD.replace("PREFLIGHT", preflight).replace("JOB", job)
+    out = subprocess.run([sys.executable, "-c", child, *argv, CLEAN_ONLY, "device=cpu"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     taken = tmp_path / next(line.split()[1] for line in out.stderr.splitlines() if line.startswith("TAKEN"))
-    assert (taken / "results.json").read_text() == "theirs"
-    mine = taken.with_name(taken.name + "-2")
+    assert (taken / job / "results.json").read_text() == "theirs"
+    return taken, taken.with_name(taken.name + "-2")
+
+
+def test_two_evaluations_in_the_same_second_get_a_directory_each(tmp_path, erm_checkpoint):
+    _, mine = _evaluate_beside_a_taken_directory(tmp_path, "preflight_eval", "", [f"ckpt={erm_checkpoint}"])
     assert json.loads((mine / "results.json").read_text())["metrics"]["clean/acc"] >= 0
+
+
+def test_two_evaluation_sweeps_in_the_same_second_get_a_directory_each(tmp_path, erm_checkpoint):
+    argv = ["-m", f"ckpt={erm_checkpoint}", "eval.n_examples=20,40"]
+    _, mine = _evaluate_beside_a_taken_directory(tmp_path, "preflight_sweep", "0", argv)
+    assert [json.loads((mine / job / "results.json").read_text())["eval"]["clean/acc"]["n_examples"]
+            for job in ("0", "1")] == [20, 40]
 
 
 @pytest.mark.parametrize("override, named", [("+method=at", "method.name='at'"), ("model=cnn_small", "model.name"),
