@@ -6,6 +6,11 @@ measuring PGD accuracy on the first training batch of every epoch and stopping, 
 before, when it falls by more than 0.2 from the previous epoch. Here the measurement is the method's
 own validation metric (`Method.validate`: PGD-10 accuracy for AT), taken in eval mode on that batch,
 so the loop still never names a method. `train.collapse_drop` is the fall that counts; null is off.
+
+"With the model from before": the guard keeps a copy of the weights (BatchNorm statistics included) after
+every epoch that passed, and puts them back when an epoch collapses, so the final model (last.pt) is the
+last good epoch's, as the reference's saved `best_state_dict` is. The copy travels in last.pt, so a
+resumed run can still go back.
 """
 
 import torch
@@ -21,6 +26,7 @@ class CollapseGuard:
         self.scores: list[float] = []  # per checked epoch, for results.json
         self.collapse: dict | None = None  # set once, when training stopped on a collapse
         self._batch = None
+        self._kept: dict | None = None  # the model's state after the last epoch that did not collapse
 
     @property
     def enabled(self) -> bool:
@@ -48,7 +54,17 @@ class CollapseGuard:
             else:
                 self.previous = score
         self._batch = None
-        return distributed.agree(verdict, procs)
+        verdict = distributed.agree(verdict, procs)
+        if not verdict:
+            self._kept = {name: value.detach().clone() for name, value in model.state_dict().items()}
+        return verdict
+
+    def restore(self, model) -> None:
+        """After a collapse: the model of the last good epoch back in place (on every process)."""
+        if self._kept is not None:
+            model.load_state_dict(self._kept)
+        if self.collapse is not None:  # rank 0's record of what the final model is
+            self.collapse["restored_epoch"] = self.collapse["epoch"] - 1 if self._kept is not None else None
 
     def summary(self) -> dict | None:
         if not self.enabled:
@@ -57,9 +73,11 @@ class CollapseGuard:
                 "scores": [round(s, 4) for s in self.scores], "collapse": self.collapse}
 
     def state_dict(self) -> dict:
-        return {"previous": self.previous, "scores": list(self.scores), "collapse": self.collapse}
+        return {"previous": self.previous, "scores": list(self.scores), "collapse": self.collapse,
+                "weights": self._kept}
 
     def load_state_dict(self, state: dict | None) -> None:
         state = state or {}
         self.previous, self.collapse = state.get("previous"), state.get("collapse")
         self.scores = list(state.get("scores", []))
+        self._kept = state.get("weights")

@@ -102,7 +102,7 @@ class TrainConfig:
     progress: str = "auto"  # auto (rich bar on a TTY) | rich | plain
     # Catastrophic-overfitting guard (Wong et al. 2020): after each epoch the method's validation metric is
     # measured on that epoch's first training batch; a fall of more than this (accuracy, 0-1) from the
-    # previous epoch stops training, flags the run and evaluates the checkpoint from before. null: off.
+    # previous epoch stops training with the last good epoch's model put back, and flags the run. null: off.
     collapse_drop: float | None = None
 
 

@@ -291,6 +291,8 @@ def run(cfg, run_dir: Path) -> dict:
                         best_score = score
                         best = model_checkpoint(cfg, model, {"epoch": epoch + 1, "val": epoch_metrics}, config)
                         checkpoint.save(best, ckpt_dir / "best.pt")
+                if collapsed:  # the final model is the last good epoch's, as the reference keeps it
+                    guard.restore(model)
                 if procs.is_main:
                     checkpoint.save(training_state(epoch + 1, 0, train_time), ckpt_dir / "last.pt",
                                     keep_previous=True)
@@ -301,6 +303,7 @@ def run(cfg, run_dir: Path) -> dict:
                         f"catastrophic overfitting in epoch {c['epoch']}: the validation metric "
                         f"({method.select_on}) on the epoch's first training batch fell from {c['previous']:.3f} "
                         f"to {c['score']:.3f}, more than train.collapse_drop={guard.drop}; training stops here"
+                        + (f" with epoch {c['restored_epoch']}'s model" if c.get("restored_epoch") is not None else "")
                     )
                     break
                 if stop.requested:
@@ -316,6 +319,10 @@ def run(cfg, run_dir: Path) -> dict:
         chosen = ckpt_dir / f"{which}.pt"
         trained_epochs = guard.collapse["epoch"] if guard.collapse else epochs
         evaluated_epoch, source = trained_epochs, f"{which}.pt, the final model (epoch {trained_epochs})"
+        if guard.collapse and guard.collapse.get("restored_epoch") is not None:  # the guard put it back
+            evaluated_epoch = guard.collapse["restored_epoch"]
+            source = (f"{which}.pt, the final model: epoch {evaluated_epoch}'s, from before the collapse in "
+                      f"epoch {trained_epochs}")
         if chosen.exists():
             saved = checkpoint.load(chosen)
             model.load_state_dict(saved["model"])

@@ -80,7 +80,7 @@ def test_a_collapse_stops_training_keeps_best_pt_from_before_and_stays_stopped(c
     train = results["train"]
     assert train["epochs"] == 5 and train["epochs_trained"] == 3
     assert train["steps"] == 3 * train["steps_per_epoch"]
-    assert train["collapse_guard"]["collapse"] == {"epoch": 3, "score": 0.40, "previous": 0.70}
+    assert train["collapse_guard"]["collapse"] == {"epoch": 3, "score": 0.40, "previous": 0.70, "restored_epoch": 2}
     assert train["collapse_guard"]["scores"] == [0.6, 0.7, 0.4]
     assert train["checkpoint"] == "best" and train["checkpoint_epoch"] <= 2
     assert torch.load(tmp_path / "checkpoints/best.pt", weights_only=False)["epoch"] <= 2
@@ -92,6 +92,38 @@ def test_a_collapse_stops_training_keeps_best_pt_from_before_and_stays_stopped(c
     again = run(compose_cfg(*common), tmp_path)
     assert again["train"]["steps"] == train["steps"] and again["train"]["epochs_trained"] == 3
     assert again["metrics"] == results["metrics"]
+
+
+def test_after_a_collapse_the_final_model_is_the_last_good_epochs(compose_cfg, tmp_path, monkeypatch):
+    """The reference's setup (all training images, the final model): last.pt holds epoch 2's weights."""
+    _script_the_guard(monkeypatch, [0.60, 0.70, 0.40, 0.90], batch_size=128)
+    results = run(compose_cfg("+method=at", "method.attack.steps=1", "train.epochs=4", "train.batch_size=128",
+                              "train.collapse_drop=0.2", "dataset.val_size=0", "eval.checkpoint=last",
+                              "eval.evaluators=[{name:clean}]", "eval.n_examples=60", "train.progress=plain"),
+                  tmp_path)
+    assert results["train"]["checkpoint"] == "last" and results["train"]["checkpoint_epoch"] == 2
+    final = torch.load(tmp_path / "checkpoints/last.pt", weights_only=False)
+    epoch_2 = torch.load(tmp_path / "checkpoints/last.prev.pt", weights_only=False)  # written after epoch 2
+    assert final["epoch"] == 3 and epoch_2["epoch"] == 2
+    for name, value in epoch_2["model"].items():
+        assert torch.equal(final["model"][name], value), name  # BatchNorm statistics included
+    assert "training stops here with epoch 2's model" in (tmp_path / "train.log").read_text()
+
+
+def test_the_kept_model_survives_a_resume():
+    guard, model, proc = CollapseGuard(0.2), torch.nn.Linear(2, 2), Processes()
+    method = ScriptedMethod([0.50, 0.10])
+    guard.remember(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
+    assert not guard.collapsed(method, model, None, 0, proc)
+    good = model.weight.detach().clone()
+    resumed = CollapseGuard(0.2)
+    resumed.load_state_dict(guard.state_dict())  # what last.pt carries
+    with torch.no_grad():
+        model.weight.add_(1.0)  # epoch 2 trains on
+    resumed.remember(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long))
+    assert resumed.collapsed(method, model, None, 1, proc)
+    resumed.restore(model)
+    assert torch.equal(model.weight, good) and resumed.collapse["restored_epoch"] == 1
 
 
 def test_without_the_guard_all_epochs_train(compose_cfg, tmp_path, monkeypatch):
