@@ -65,6 +65,10 @@ class MethodConfig:
     sam: bool = False
     rho: float | None = None  # SAM radius; None: the dataset's dataset.sam_rho (or asam_rho when adaptive)
     adaptive: bool = False  # ASAM
+    # ASAM's T = |w| + asam_eta on every parameter (all: davda54/sam) or on weights only (weights: SamsungLabs/ASAM,
+    # whose class uses eta 0.01 and its CIFAR example 0).
+    asam_scale: str = "all"
+    asam_eta: float = 0.0
     # SAM around a method with an attack (AT, TRADES, HR): rerun solves the attack again at w + e, the exact
     # gradient of the composite loss; reuse keeps the first pass's adversarial batch (AWP-style), which
     # saves one whole attack per step (SAM + PGD-10 AT on cnn_small: 2.02x AT's step rerun, 1.12x reuse).

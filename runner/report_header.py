@@ -44,7 +44,11 @@ def update_text(update: dict | None, method: dict, dataset: dict | None) -> str 
         update = {"rule": "asam" if adaptive else "sam", "rho": rho}
     if update.get("rule") in ("sam", "asam"):
         reuse = ", attack reused" if update.get("attack") == "reuse" else ""
-        return f"{update['rule'].upper()} rho={value_text(update.get('rho'))}{reuse}"
+        shape = ""
+        if update.get("scale") == "weights" or update.get("eta"):
+            where = "weights only" if update.get("scale") == "weights" else "every parameter"
+            shape = f" (T = |w| + {value_text(update.get('eta') or 0)} on {where})"
+        return f"{update['rule'].upper()} rho={value_text(update.get('rho'))}{shape}{reuse}"
     if update.get("rule") == "awp":
         warmup = update.get("warmup_epochs") or 0
         return f"AWP gamma={value_text(update.get('gamma'))}" + (f" after {warmup} epochs" if warmup else "")

@@ -102,8 +102,12 @@ def frozen_bn_statistics(model: nn.Module):
 
 
 class SAMUpdate(Update):
-    """Two passes on the same batch (Foret et al.): g = ∇L(w); e = ρ g/‖g‖ (ASAM: ρ T²g/‖Tg‖, T = |w|);
-    g' = ∇L(w + e) with BN running statistics frozen; restore w; clip g' only; base step with g'."""
+    """Two passes on the same batch (Foret et al.): g = ∇L(w); e = ρ g/‖g‖ (ASAM: ρ T²g/‖Tg‖);
+    g' = ∇L(w + e) with BN running statistics frozen; restore w; clip g' only; base step with g'.
+
+    ASAM's T is diagonal, and its two references differ: davda54/sam scales every parameter by |w|;
+    SamsungLabs/ASAM by |w| + η, on the parameters named `weight` only (T = 1 for biases), with η 0.01 in
+    its class and 0 in its CIFAR example. `method.asam_scale` (all | weights) and `method.asam_eta` pick."""
 
     def __init__(self, cfg, model: nn.Module, optimizer: torch.optim.Optimizer):
         super().__init__(cfg, model, optimizer)
@@ -112,18 +116,27 @@ class SAMUpdate(Update):
         self.rho = default_rho(cfg, self.adaptive) if cfg.method.rho is None else float(cfg.method.rho)
         if self.rho <= 0:
             raise ValueError(f"method.rho must be positive, got {self.rho}")
+        self.eta = float(cfg.method.get("asam_eta", 0.0))
+        self.scale_all = cfg.method.get("asam_scale", "all") == "all"
 
-    def _params(self, model: nn.Module) -> list[torch.Tensor]:
-        return [p for p in model.parameters() if p.requires_grad and p.grad is not None]
+    def _params(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
+
+    def _scale(self, name: str, p: torch.Tensor) -> torch.Tensor | None:
+        """ASAM's T for one parameter (None: the identity)."""
+        if not self.adaptive or not (self.scale_all or "weight" in name.rsplit(".", 1)[-1]):
+            return None
+        return p.abs().add_(self.eta) if self.eta else p.abs()
 
     @torch.no_grad()
-    def perturbation(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """e for each parameter, from the gradients currently stored in `.grad`."""
-        scaled = [(p.abs() * p.grad) if self.adaptive else p.grad for p in params]
+    def perturbation(self, params: list[tuple[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """e for each (name, parameter), from the gradients currently stored in `.grad`."""
+        scales = [self._scale(name, p) for name, p in params]
+        scaled = [p.grad if t is None else t * p.grad for (_, p), t in zip(params, scales)]
         grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
         scale = self.rho / (grad_norm + 1e-12)
         # ASAM: T·(T g)·scale = T² g · ρ/‖T g‖.
-        return [(p.abs() * s if self.adaptive else s) * scale for p, s in zip(params, scaled)]
+        return [(s if t is None else t * s) * scale for s, t in zip(scaled, scales)]
 
     def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
         self.optimizer.zero_grad(set_to_none=True)
@@ -134,8 +147,9 @@ class SAMUpdate(Update):
             if not is_finite(loss):
                 return {**loggable(logs, loss), "nonfinite": 1.0}
             loss.backward()
-        params = self._params(model)
-        perturbation = self.perturbation(params)
+        named = self._params(model)
+        perturbation = self.perturbation(named)
+        params = [p for _, p in named]
         originals = [p.detach().clone() for p in params]
         with torch.no_grad():
             for p, e in zip(params, perturbation):
@@ -175,7 +189,10 @@ def describe_update(cfg) -> dict:
     if method.get("sam", False):
         adaptive = bool(method.get("adaptive", False))
         rho = default_rho(cfg, adaptive) if method.get("rho") is None else float(method.rho)
-        return {"rule": "asam" if adaptive else "sam", "rho": rho, "attack": method.get("sam_attack", "rerun")}
+        rule = {"rule": "asam" if adaptive else "sam", "rho": rho, "attack": method.get("sam_attack", "rerun")}
+        if adaptive:
+            rule.update(eta=float(method.get("asam_eta", 0.0)), scale=method.get("asam_scale", "all"))
+        return rule
     if method.get("awp", False):
         from runner.awp import awp_gamma
 

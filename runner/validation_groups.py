@@ -24,6 +24,7 @@ BN_MODES = ("eval", "train")
 def fail(key: str, value, problem: str) -> None:
     raise ConfigError(f"{key}={value!r}: {problem}")
 SAM_ATTACKS = ("rerun", "reuse")  # method.sam_attack
+ASAM_SCALES = ("all", "weights")  # method.asam_scale
 
 
 def one_of(key: str, value, allowed) -> None:
@@ -121,6 +122,13 @@ def check_method(cfg) -> None:
     if method.get("rho") is not None:
         positive("method.rho", method.rho)
     one_of("method.sam_attack", method.get("sam_attack", "rerun"), SAM_ATTACKS)
+    one_of("method.asam_scale", method.get("asam_scale", "all"), ASAM_SCALES)
+    at_least("method.asam_eta", method.get("asam_eta", 0.0), 0)
+    if not (method.get("sam", False) and method.get("adaptive", False)):
+        for key, default in (("asam_scale", "all"), ("asam_eta", 0.0)):
+            if method.get(key, default) != default:
+                fail(f"method.{key}", method.get(key), "has no effect: it shapes ASAM's perturbation; turn ASAM "
+                     "on with method.adaptive=true (and method.sam=true, or +method=sam)")
     if not method.get("sam", False):
         for key, default in (("rho", None), ("adaptive", False), ("sam_attack", "rerun")):
             if method.get(key, default) != default:

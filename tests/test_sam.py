@@ -87,6 +87,28 @@ def test_perturbation_norm_is_rho_and_second_pass_runs_at_w_plus_e(adaptive, rho
         assert torch.allclose(flat(e), rho * flat(g) / flat(g).norm(), atol=1e-6)
 
 
+@pytest.mark.parametrize("scale, eta", [("weights", 0.01), ("weights", 0.0), ("all", 0.01)])
+def test_asam_variants_follow_their_reference(scale, eta):
+    """SamsungLabs/ASAM: T = |w| + eta on the parameters named weight (BatchNorm's included), T = 1 on
+    biases; davda54/sam (scale=all): every parameter."""
+    model, (x, y) = tiny_model(), batch()
+    names = [name for name, _ in model.named_parameters()]
+    originals = [p.detach().clone() for p in model.parameters()]
+    g = gradient(model, x, y)
+    config = cfg(rho=0.5, adaptive=True)
+    config.method.asam_scale, config.method.asam_eta = scale, eta
+    method = RecordingCE()
+    build_update(config, model, torch.optim.SGD(model.parameters(), lr=0.1))(model, method, x, y, CTX)
+    t = [w.abs() + eta if scale == "all" or name.endswith("weight") else torch.ones_like(w)
+         for name, w in zip(names, originals)]
+    norm = flat([ti * gi for ti, gi in zip(t, g)]).norm()
+    expected = [0.5 * ti * ti * gi / norm for ti, gi in zip(t, g)]
+    for name, before, after, e in zip(names, *method.seen, expected):
+        torch.testing.assert_close(after - before, e, rtol=1e-4, atol=1e-7, msg=name)
+    bn_bias = dict(zip(names, zip(*method.seen)))["1.bias"]  # zero-initialised: T = eta, or 1 when unscaled
+    assert torch.equal(bn_bias[0], bn_bias[1]) == (scale == "all" and eta == 0)
+
+
 def test_base_optimizer_steps_from_the_original_weights_with_the_second_gradient():
     model, (x, y) = tiny_model(), batch()
     model.train()
@@ -301,3 +323,17 @@ def test_rho_comes_from_the_dataset_recipe_unless_given(overrides, rho):
         run_cfg = compose("train", overrides=overrides)
     model = tiny_model()
     assert build_update(run_cfg, model, torch.optim.SGD(model.parameters(), lr=0.1)).rho == rho
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["+method=sam", "method.asam_eta=0.01"], "method.asam_eta"),  # plain SAM: no effect
+    (["+method=at", "method.asam_scale=weights"], "method.asam_scale"),  # SAM off
+    (["+method=sam", "method.adaptive=true", "method.asam_scale=bias"], "method.asam_scale"),
+    (["+method=sam", "method.adaptive=true", "method.asam_eta=-0.1"], "method.asam_eta"),
+])
+def test_asam_settings_are_checked(compose_cfg, tmp_path, overrides, key):
+    from runner.errors import ConfigError
+    from runner.train import run
+
+    with pytest.raises(ConfigError, match=key):
+        run(compose_cfg(*overrides), tmp_path)
