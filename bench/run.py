@@ -287,7 +287,7 @@ def method_ratios(methods: dict) -> dict:
         "at_k10_step_ratio": ratio_entry(
             "at_k10_step_ratio",
             div(get("at_k10"), erm, 11),
-            f"with AWP (method.awp): {awp and round(awp, 3)} x AT's step",
+            f"with AWP (method.awp): {round(awp, 3)} x AT's step" if awp else "",
         ),
         "trades_k10_step_ratio": ratio_entry("trades_k10_step_ratio", div(get("trades_k10"), erm, 12)),
         "hr_over_at": ratio_entry("hr_over_at", div(get("hr_k10"), get("at_k10")), "HR alpha 0.05, r 0.1"),

@@ -1,7 +1,8 @@
 """Adversarial weight perturbation (Wu et al. 2020, csdongxian/AWP) around any method's loss: `method.awp=true`.
 
 Per step, after `awp_warmup` epochs:
-1. g = ∇L(w) on the batch, with the method's adversarial batch solved once, at w. The reference takes this
+1. The method's adversarial batch is solved once, at w, on the model itself (a train-mode attack updates
+   BatchNorm's running statistics, as the reference's does). g = ∇L(w) on it: the reference takes this
    gradient on a proxy copy of the model, so BatchNorm's running statistics do not see this pass.
 2. Each weight tensor of two or more dimensions (convolution and linear weights; not biases, not BatchNorm)
    moves by v_l = γ·‖w_l‖·g_l/‖g_l‖: a step of size γ relative to the layer's own norm.
@@ -17,7 +18,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from runner.update import Update, frozen_bn_statistics, is_finite, loggable
+from runner.update import Update, frozen_bn_statistics, is_finite, loggable, loss_context
 
 # The reference's guard against a zero gradient: v = 0 where g = 0.
 NORM_FLOOR = 1e-20
@@ -62,10 +63,13 @@ class AWPUpdate(Update):
         if self.gamma is None:
             self.gamma = awp_gamma(self.cfg, method)
         self.optimizer.zero_grad(set_to_none=True)
+        with loss_context(self.precision, x.device.type):  # where the loss would have solved it
+            method.adversarial(model, x, y, ctx)
+        reuse = dataclasses.replace(ctx, reuse_attack=True)
         # Unlike SAM's, this gradient is all-reduced under DDP: the reference's proxy sees the whole batch,
         # and every rank must move its weights by the same v for the subtraction below to agree.
         with frozen_bn_statistics(model):
-            loss, logs = self._forward(model, method, x, y, ctx)
+            loss, logs = self._forward(model, method, x, y, reuse)
             if not is_finite(loss):
                 return {**loggable(logs, loss), "nonfinite": 1.0}
             loss.backward()
@@ -78,7 +82,7 @@ class AWPUpdate(Update):
         self.optimizer.zero_grad(set_to_none=True)
         stepped = False
         try:
-            second_loss, _ = self._forward(model, method, x, y, dataclasses.replace(ctx, reuse_attack=True))
+            second_loss, _ = self._forward(model, method, x, y, reuse)
             out = {**loggable(logs, loss), "awp/loss_perturbed": second_loss.detach().float()}
             if not is_finite(second_loss):
                 self.optimizer.zero_grad(set_to_none=True)

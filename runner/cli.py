@@ -326,7 +326,7 @@ def _exit_for(err: BaseException, command: str) -> None:
 def _own_directory(key: str, path, overrides: list[str]) -> None:
     """robust-eval's outputs/evals/<second>: two evaluations (or sweeps) started in the same second get a
     directory each, unless the user named one."""
-    if not any(o.startswith(f"{key}=") for o in overrides):
+    if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):  # key=, +key=, ++key=
         from runner.tracking import reserve_run_dir
 
         sys.argv.append(f"{key}={reserve_run_dir(path)}")

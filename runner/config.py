@@ -107,6 +107,7 @@ class TrainConfig:
     # Catastrophic-overfitting guard (Wong et al. 2020): after each epoch the method's validation metric is
     # measured on that epoch's first training batch; a fall of more than this (accuracy, 0-1) from the
     # previous epoch stops training with the last good epoch's model put back, and flags the run. null: off.
+    # (last.pt then carries that copy too: twice the model's size.)
     collapse_drop: float | None = None
 
 

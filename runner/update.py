@@ -19,7 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from runner.config import DatasetConfig
 
 
-def _loss_context(precision: str, device_type: str):
+def loss_context(precision: str, device_type: str):
     if precision == "bf16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     if precision == "fp32":
@@ -46,10 +46,10 @@ class Update:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ValueError(f"train.grad_clip must be positive or null, got {self.grad_clip}")
         self.precision = cfg.train.precision
-        _loss_context(self.precision, "cpu")  # validate the key at build time, not at the first step
+        loss_context(self.precision, "cpu")  # validate the key at build time, not at the first step
 
     def _forward(self, model, method, x, y, ctx):
-        with _loss_context(self.precision, x.device.type):
+        with loss_context(self.precision, x.device.type):
             loss, logs = method.loss(model, x, y, ctx)
         return loss.float(), logs
 

@@ -16,7 +16,7 @@ from runner import distributed
 from runner.awp import AWPUpdate, awp_gamma
 from runner.errors import ConfigError
 from runner.methods import build_method
-from runner.methods.base import StepContext
+from runner.methods.base import Method, StepContext
 from runner.optim import build_optimizer
 from runner.train import run
 from runner.update import Update, build_update
@@ -117,6 +117,19 @@ def test_batchnorm_statistics_come_from_the_perturbed_pass_only(compose_cfg):
     assert int(model[2].num_batches_tracked) == 1
 
 
+def test_a_train_mode_attack_still_updates_batchnorm_statistics(compose_cfg):
+    """The reference attacks the model itself (its BN updates count); only the loss pass at w is a proxy's."""
+    counts = {}
+    for rule in ("plain", "awp"):
+        cfg = _cfg(compose_cfg, "+method=at", "method.attack.steps=3", "method.attack.bn_mode=train")
+        model = _mlp(batch_norm=True)
+        update = (Update(cfg, model, build_optimizer(cfg.optimizer, model)) if rule == "plain"
+                  else build_update(cfg, model, build_optimizer(cfg.optimizer, model)))
+        update(model, build_method(cfg), *_batch(), CTX)
+        counts[rule] = int(model[2].num_batches_tracked)
+    assert counts["awp"] == counts["plain"] > 1  # the attack's forwards, then one loss pass (at w + v)
+
+
 def test_warmup_epochs_take_plain_steps(compose_cfg):
     cfg = _cfg(compose_cfg, "method.awp_warmup=2")
     awp_model, plain_model = _mlp(), _mlp()
@@ -187,9 +200,11 @@ def test_cpu_run_records_the_resolved_rule_in_results_and_report(compose_cfg, tm
 # ---- two processes: the perturbation is the global batch's, and the ranks stay identical -------------------
 
 
-class _MeanCE:
-    select_on = "clean"
+class _MeanCE(Method):
     awp_gamma = GAMMA
+
+    def __init__(self):
+        super().__init__(None)
 
     def loss(self, model, x, y, ctx):
         return F.cross_entropy(model(x), y), {}

@@ -48,6 +48,11 @@ class Method:
         self._last_attack = (x, x_adv)
         return x_adv
 
+    def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext):
+        """The batch's training attack (methods with one override this; None: the method has none). Solved
+        through `reusable_attack`, so a `loss` called next with ctx.reuse_attack uses it instead of its own."""
+        return None
+
     def schedule_warnings(self, steps_per_epoch: int, epochs: int) -> list[str]:
         """What the run's length leaves undone of the method's own schedule (logged and kept in results.json)."""
         return []
