@@ -57,6 +57,12 @@ class AWPUpdate(Update):
         self.warmup_epochs = int(cfg.method.get("awp_warmup", 0))
         self.gamma = None  # resolved on the first step, from the method object the loop passes in
 
+    def schedule_warnings(self, epochs: int) -> list[str]:
+        if self.warmup_epochs < epochs:
+            return []
+        return [f"method.awp_warmup={self.warmup_epochs} plain epochs cover the whole run (train.epochs={epochs}): "
+                f"AWP never turns on; lower method.awp_warmup or train longer"]
+
     def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
         if ctx.epoch < self.warmup_epochs:
             return super().__call__(model, method, x, y, ctx)

@@ -213,7 +213,7 @@ def run(cfg, run_dir: Path) -> dict:
                          else f"resumed after epoch {start_epoch} (step {step})")
         else:
             method.setup(model)
-        schedule_warnings = method.schedule_warnings(steps_per_epoch, epochs)
+        schedule_warnings = method.schedule_warnings(steps_per_epoch, epochs) + update.schedule_warnings(epochs)
         for warning in schedule_warnings:
             tracker.warning(warning)
         tracker.info(

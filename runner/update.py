@@ -69,6 +69,10 @@ class Update:
         self.optimizer.step()
         return logs
 
+    def schedule_warnings(self, epochs: int) -> list[str]:
+        """What the run's length leaves undone of the rule's own schedule (as Method.schedule_warnings)."""
+        return []
+
     def state_dict(self) -> dict:
         return {}
 

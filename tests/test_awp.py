@@ -242,3 +242,10 @@ def test_two_ranks_take_the_single_process_step(compose_cfg, tmp_path):
     cfg = _cfg(compose_cfg)
     mp.start_processes(_awp_two_rank_worker, args=(port, str(tmp_path), cfg), nprocs=2, start_method="fork")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
+
+
+def test_a_warmup_as_long_as_the_run_is_a_recorded_warning(compose_cfg, tmp_path):
+    results = run(compose_cfg("+method=erm", "method.awp=true", "method.awp_warmup=2", "train.epochs=2",
+                              "train.progress=plain", "eval=none"), tmp_path)
+    (warning,) = results["train"]["warnings"]
+    assert "method.awp_warmup=2" in warning and "AWP never turns on" in warning
