@@ -249,3 +249,17 @@ def test_a_warmup_as_long_as_the_run_is_a_recorded_warning(compose_cfg, tmp_path
                               "train.progress=plain", "eval=none"), tmp_path)
     (warning,) = results["train"]["warnings"]
     assert "method.awp_warmup=2" in warning and "AWP never turns on" in warning
+
+
+def test_a_resumed_awp_run_ends_with_the_uninterrupted_weights(compose_cfg, tmp_path):
+    """AWP keeps no state of its own: last.pt after epoch 1 continues to the same epoch-2 weights."""
+    common = ["model=mlp", "model.hidden=[32]", "+method=at", "method.attack.steps=1", "method.awp=true",
+              "train.batch_size=256", "scheduler=constant", "eval=none", "deterministic=true", "train.progress=plain"]
+    run(compose_cfg(*common, "train.epochs=2"), tmp_path / "reference")
+    run(compose_cfg(*common, "train.epochs=1"), tmp_path / "run")
+    run(compose_cfg(*common, "train.epochs=2"), tmp_path / "run")  # resumes after epoch 1
+    resumed = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=False)
+    reference = torch.load(tmp_path / "reference/checkpoints/last.pt", weights_only=False)
+    assert resumed["step"] == reference["step"]
+    for name, value in reference["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
