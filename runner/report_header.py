@@ -35,13 +35,9 @@ def update_text(update: dict | None, method: dict, dataset: dict | None) -> str 
     """The update rule around the loss, from results.json's `run.update` (its resolved settings) or, for
     runs written before it existed, from the config."""
     if not update:
-        if not (method.get("sam") or method.get("name") == "sam"):
-            return None
-        adaptive = bool(method.get("adaptive"))
-        rho = method.get("rho")
-        if rho is None:
-            rho = (dataset or {}).get("asam_rho" if adaptive else "sam_rho")
-        update = {"rule": "asam" if adaptive else "sam", "rho": rho}
+        from runner.update import describe_update
+
+        update = describe_update({"method": method, "dataset": dataset or {}})
     if update.get("rule") in ("sam", "asam"):
         reuse = ", attack reused" if update.get("attack") == "reuse" else ""
         shape = ""

@@ -117,7 +117,7 @@ class SAMUpdate(Update):
         super().__init__(cfg, model, optimizer)
         self.adaptive = bool(cfg.method.adaptive)
         self.reuse_attack = cfg.method.get("sam_attack", "rerun") == "reuse"
-        self.rho = default_rho(cfg, self.adaptive) if cfg.method.rho is None else float(cfg.method.rho)
+        self.rho = sam_rho(cfg)
         if self.rho <= 0:
             raise ValueError(f"method.rho must be positive, got {self.rho}")
         self.eta = float(cfg.method.get("asam_eta", 0.0))
@@ -179,10 +179,14 @@ class SAMUpdate(Update):
         return out
 
 
-def default_rho(cfg, adaptive: bool) -> float:
-    """method.rho null: the dataset's recipe, dataset.sam_rho or dataset.asam_rho (their schema defaults,
-    the references' 0.05 and 2.0, when the config carries no dataset)."""
-    key = "asam_rho" if adaptive else "sam_rho"
+def sam_rho(cfg) -> float:
+    """method.rho, or when it is null the dataset's recipe: dataset.sam_rho, or dataset.asam_rho with
+    method.adaptive (their schema defaults, the references' 0.05 and 2.0, when the config carries no
+    dataset). `cfg` may be a plain dict, as a results.json config is."""
+    method = cfg.get("method") or {}
+    if method.get("rho") is not None:
+        return float(method.get("rho"))
+    key = "asam_rho" if method.get("adaptive", False) else "sam_rho"
     dataset = cfg.get("dataset") or {}
     return float(dataset.get(key, getattr(DatasetConfig, key)))
 
@@ -192,8 +196,7 @@ def describe_update(cfg) -> dict:
     method = cfg.get("method") or {}
     if method.get("sam", False):
         adaptive = bool(method.get("adaptive", False))
-        rho = default_rho(cfg, adaptive) if method.get("rho") is None else float(method.rho)
-        rule = {"rule": "asam" if adaptive else "sam", "rho": rho, "attack": method.get("sam_attack", "rerun")}
+        rule = {"rule": "asam" if adaptive else "sam", "rho": sam_rho(cfg), "attack": method.get("sam_attack", "rerun")}
         if adaptive:
             rule.update(eta=float(method.get("asam_eta", 0.0)), scale=method.get("asam_scale", "all"))
         return rule

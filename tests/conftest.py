@@ -20,6 +20,50 @@ def compose_cfg():
 
 
 
+@pytest.fixture
+def wrap_method_loss():
+    """`install(monkeypatch, wrapper)`: the method the training loop builds computes its loss as
+    `wrapper(n, loss, *args, **kwargs)`, n the 1-based call (to signal or spike on a chosen call). The
+    monkeypatch is a parameter so a test can undo it mid-way with `monkeypatch.context()`."""
+
+    def install(monkeypatch, wrapper):
+        import runner.train
+
+        build, calls = runner.train.build_method, {"n": 0}
+
+        def build_wrapped(cfg):
+            method = build(cfg)
+            loss = method.loss
+
+            def wrapped(*args, **kwargs):
+                calls["n"] += 1
+                return wrapper(calls["n"], loss, *args, **kwargs)
+
+            method.loss = wrapped
+            return method
+
+        monkeypatch.setattr(runner.train, "build_method", build_wrapped)
+
+    return install
+
+
+@pytest.fixture
+def signal_on_call():
+    """`make(at_call, signum)`: a loss wrapper for `wrap_method_loss` that sends `signum` to this process on
+    the loss's `at_call`-th call (mid-epoch)."""
+    import signal
+
+    def make(at_call: int, signum: signal.Signals):
+        def signalling(n, loss, *args, **kwargs):
+            if n == at_call:
+                os.kill(os.getpid(), signum)
+            return loss(*args, **kwargs)
+
+        return signalling
+
+    return make
+
+
 def pytest_collection_modifyitems(config, items):
     """`-m gpu` on a machine without CUDA skips the GPU tests (with the reason) instead of failing them."""
     import torch

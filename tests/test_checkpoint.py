@@ -179,32 +179,20 @@ def test_a_run_diverging_later_keeps_its_last_good_checkpoint_loadable(tmp_path)
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
 
 
-def nan_on_call(monkeypatch, bad_calls: set[int]):
-    """The method's loss is NaN on the given (1-based) calls: isolated spikes."""
-    import runner.train
+def nan_on_calls(bad_calls: set[int]):
+    """A loss wrapper (see the wrap_method_loss fixture): NaN on the given (1-based) calls, isolated spikes."""
 
-    build = runner.train.build_method
-    calls = {"n": 0}
+    def spiking(n, loss, *args, **kwargs):
+        value, logs = loss(*args, **kwargs)
+        return (value * float("nan"), logs) if n in bad_calls else (value, logs)
 
-    def build_spiking(cfg):
-        method = build(cfg)
-        loss = method.loss
-
-        def spiking(*args, **kwargs):
-            calls["n"] += 1
-            value, logs = loss(*args, **kwargs)
-            return (value * float("nan"), logs) if calls["n"] in bad_calls else (value, logs)
-
-        method.loss = spiking
-        return method
-
-    monkeypatch.setattr(runner.train, "build_method", build_spiking)
+    return spiking
 
 
-def test_skip_policy_skips_and_counts_isolated_spikes(tmp_path, monkeypatch):
+def test_skip_policy_skips_and_counts_isolated_spikes(tmp_path, monkeypatch, wrap_method_loss):
     from runner.train import run
 
-    nan_on_call(monkeypatch, {3})
+    wrap_method_loss(monkeypatch, nan_on_calls({3}))
     results = run(small("train.epochs=1", "train.nonfinite=skip"), tmp_path)
     assert results["train"]["nonfinite_skipped"] == 1
     state = checkpoint.load(tmp_path / "checkpoints" / "last.pt")
@@ -213,9 +201,9 @@ def test_skip_policy_skips_and_counts_isolated_spikes(tmp_path, monkeypatch):
     assert [r["step"] for r in rows if r.get("nonfinite")] == [3]
 
 
-def test_skip_policy_stops_after_max_skips(tmp_path, monkeypatch):
+def test_skip_policy_stops_after_max_skips(tmp_path, monkeypatch, wrap_method_loss):
     from runner.train import run
 
-    nan_on_call(monkeypatch, {1, 2, 3})
+    wrap_method_loss(monkeypatch, nan_on_calls({1, 2, 3}))
     with pytest.raises(NonFiniteLoss, match="more than train.max_skips=2"):
         run(small("train.epochs=1", "train.nonfinite=skip", "train.max_skips=2"), tmp_path)

@@ -2,7 +2,6 @@
 why it stopped, and while the console script is still importing it is one line and exit 130."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,26 +18,10 @@ def small_config():
                     "device=cpu", "train.progress=plain"])
 
 
-def test_ctrl_c_in_training_checkpoints_mid_epoch(tmp_path, monkeypatch):
+def test_ctrl_c_in_training_checkpoints_mid_epoch(tmp_path, monkeypatch, wrap_method_loss, signal_on_call):
     import runner.train
 
-    build = runner.train.build_method
-    calls = {"n": 0}
-
-    def build_signalling(cfg):
-        method = build(cfg)
-        loss = method.loss
-
-        def loss_and_ctrl_c(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                os.kill(os.getpid(), signal.SIGINT)
-            return loss(*args, **kwargs)
-
-        method.loss = loss_and_ctrl_c
-        return method
-
-    monkeypatch.setattr(runner.train, "build_method", build_signalling)
+    wrap_method_loss(monkeypatch, signal_on_call(2, signal.SIGINT))
     with pytest.raises(RunInterrupted) as stopped:
         runner.train.run(small_config(), tmp_path)
     assert stopped.value.signum == signal.SIGINT and 128 + stopped.value.signum == 130

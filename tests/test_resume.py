@@ -271,29 +271,6 @@ def small_config(**extra):
     return compose(overrides + [f"{k}={v}" for k, v in extra.items()])
 
 
-def signal_during_step(monkeypatch, at_call: int, signum: int) -> None:
-    """Make the method's loss send `signum` to this process on its `at_call`-th call (mid-epoch)."""
-    import runner.train
-
-    build = runner.train.build_method
-    calls = {"n": 0}
-
-    def build_signalling(cfg):
-        method = build(cfg)
-        loss = method.loss
-
-        def loss_and_signal(*args, **kwargs):
-            calls["n"] += 1
-            if calls["n"] == at_call:
-                os.kill(os.getpid(), signum)
-            return loss(*args, **kwargs)
-
-        method.loss = loss_and_signal
-        return method
-
-    monkeypatch.setattr(runner.train, "build_method", build_signalling)
-
-
 class TrainingSpy:
     """Watches an in-process run: the global step of every loss call, and the model, optimizer, scheduler
     and RNG state at the first one, i.e. right after a resume, before anything was trained."""
@@ -348,13 +325,14 @@ class TrainingSpy:
 SMALL_STEPS_PER_EPOCH = 6  # small_config: 1,287 training points in batches of 256
 
 
-def test_sigusr1_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, monkeypatch):
+def test_sigusr1_checkpoints_mid_epoch_and_resumes_exactly(tmp_path, monkeypatch, wrap_method_loss,
+                                                            signal_on_call):
     from runner.train import run
 
     cfg = small_config()
     run(cfg, tmp_path / "reference")
     with monkeypatch.context() as patch:
-        signal_during_step(patch, at_call=3, signum=signal.SIGUSR1)
+        wrap_method_loss(patch, signal_on_call(3, signal.SIGUSR1))
         with pytest.raises(RunInterrupted) as stopped:
             run(cfg, tmp_path / "run")
     assert stopped.value.signum == signal.SIGUSR1
