@@ -44,17 +44,27 @@ if sys.argv and os.path.basename(sys.argv[0]) in COMMANDS and signal.getsignal(s
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
-def run_name(override_dirname: str) -> str:
-    """A run directory name from the command's overrides: the same command, the same directory.
+def _trained_items(override_dirname: str) -> list[str]:
+    """The overrides in `override_dirname` that can change what is trained: every `eval.*` key only changes
+    the evaluation, like the `eval` group and the keys train.yaml's exclude_keys lists."""
+    return [item for item in override_dirname.split(",") if item and not item.lstrip("+~").startswith("eval.")]
 
-    `+method=at,seed=0` becomes `method-at+seed-0`: no '=' or ',', so the directory can be passed back
-    unquoted as a Hydra value (`robust-eval ckpt=outputs/runs/method-at+seed-0`).
-    """
-    items = [item.lstrip("+~").replace("=", "-", 1) for item in override_dirname.split(",") if item]
+
+def _directory_name(items: list[str]) -> str:
+    items = [item.lstrip("+~").replace("=", "-", 1) for item in items]
     name = re.sub(r"[^A-Za-z0-9+._\-@]", "_", "+".join(items).replace("/", "_")) or "default"
     if len(name) > 120:  # long sweeps: keep it readable and unique
         name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
     return name
+
+
+def run_name(override_dirname: str) -> str:
+    """A run directory name from the command's overrides: the same training, the same directory.
+
+    `+method=at,seed=0` becomes `method-at+seed-0`: no '=' or ',', so the directory can be passed back
+    unquoted as a Hydra value (`robust-eval ckpt=outputs/runs/method-at+seed-0`).
+    """
+    return _directory_name(_trained_items(override_dirname))
 
 
 def sweep_name(override_dirname: str, sweep_dir: str, task_overrides) -> str:
@@ -71,10 +81,10 @@ def sweep_name(override_dirname: str, sweep_dir: str, task_overrides) -> str:
         swept = {o.get_key_element() for o in parser.parse_overrides(list(sweep_overrides)) if o.is_sweep_override()}
     except Exception:  # noqa: BLE001 - no readable multirun.yaml: name the job as a single run
         swept = set()
-    named = [item for item in override_dirname.split(",") if item]
+    named = _trained_items(override_dirname)
     job = parser.parse_overrides(list(task_overrides))
     extra = [o.input_line for o in job if o.get_key_element() in swept and o.input_line not in named]
-    return run_name(",".join(sorted(named + extra)))
+    return _directory_name(sorted(named + extra))
 
 
 def _plain_help(argv: list[str]) -> str | None:
@@ -324,8 +334,8 @@ def _exit_for(err: BaseException, command: str) -> None:
 
 
 def _own_directory(key: str, path, overrides: list[str]) -> None:
-    """robust-eval's outputs/evals/<second>: two evaluations (or sweeps) started in the same second get a
-    directory each, unless the user named one."""
+    """outputs/evals/<second> and outputs/sweeps/<second>: two evaluations (or sweeps) started in the same
+    second get a directory each, unless the user named one (as a sweep's resume does)."""
     if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):  # key=, +key=, ++key=
         from runner.tracking import reserve_run_dir
 
@@ -357,7 +367,7 @@ def _main(task, command: str, config_name: str) -> None:
             from runner.preflight import preflight_sweep
 
             sweep_dir = preflight_sweep(*sweep)
-            if command == "robust-eval" and sweep_dir:
+            if sweep_dir:
                 _own_directory("hydra.sweep.dir", sweep_dir, sweep[0])
         with _hydra_reraises():
             task()

@@ -1,5 +1,6 @@
-"""robust-eval: a directory of its own even when two evaluations start in the same second, the checkpoint's
-training keys cannot be overridden, and a stopped evaluation says it starts over rather than resumes."""
+"""robust-eval: a directory of its own even when two evaluations (or two sweeps, of either command) start in the
+same second, the checkpoint's training keys cannot be overridden, and a stopped evaluation says it starts over
+rather than resumes."""
 
 import json
 import os
@@ -38,8 +39,8 @@ def test_reserve_run_dir_never_hands_out_a_directory_twice(tmp_path):
     assert first.is_dir() and second.is_dir()
 
 
-# A child robust-eval whose pre-flight finds its directory (a run's, or a sweep's first job's) taken by
-# another evaluation started in the same second.
+# A child robust-eval (or robust-train) whose pre-flight finds its directory (a run's, or a sweep's first
+# job's) taken by another process started in the same second.
 CHILD = """
 import pathlib
 import sys
@@ -52,16 +53,19 @@ def taken(*args, **kwargs):
     print("TAKEN", run_dir, file=sys.stderr)
     return run_dir
 v.PREFLIGHT = taken
-sys.argv = ["robust-eval", *sys.argv[1:]]
-from runner.cli import eval_main
-eval_main()
+sys.argv = ["COMMAND", *sys.argv[1:]]
+from runner.cli import MAIN
+MAIN()
 """
 
 
-def _evaluate_beside_a_taken_directory(tmp_path, preflight: str, job: str, argv: list[str]) -> tuple[Path, Path]:
+def _evaluate_beside_a_taken_directory(tmp_path, preflight: str, job: str, argv: list[str],
+                                       command: str = "robust-eval") -> tuple[Path, Path]:
     """(the taken directory, the one the child wrote to instead)."""
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    child = CHILD.replace("PREFLIGHT", preflight).replace("JOB", job)
+    main = "eval_main" if command == "robust-eval" else "train_main"
+    child = CHILD.replace("PREFLIGHT", preflight).replace("JOB", job).replace("COMMAND", command)
+    child = child.replace("MAIN", main)
     out = subprocess.run([sys.executable, "-c", child, *argv, CLEAN_ONLY, "device=cpu"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -80,6 +84,12 @@ def test_two_evaluation_sweeps_in_the_same_second_get_a_directory_each(tmp_path,
     _, mine = _evaluate_beside_a_taken_directory(tmp_path, "preflight_sweep", "0", argv)
     assert [json.loads((mine / job / "results.json").read_text())["eval"]["clean/acc"]["n_examples"]
             for job in ("0", "1")] == [20, 40]
+
+
+def test_two_training_sweeps_in_the_same_second_get_a_directory_each(tmp_path):
+    argv = ["-m", "model=mlp", "model.hidden=[8]", "train.epochs=1", "seed=0,1"]
+    _, mine = _evaluate_beside_a_taken_directory(tmp_path, "preflight_sweep", "another-sweep", argv, "robust-train")
+    assert [json.loads(path.read_text())["run"]["seed"] for path in sorted(mine.glob("*/results.json"))] == [0, 1]
 
 
 @pytest.mark.parametrize("override, named", [("+method=at", "method.name='at'"), ("model=cnn_small", "model.name"),

@@ -92,6 +92,14 @@ def test_sweep_names_without_a_multirun_record_are_run_names(tmp_path):
     assert sweep_name("+method=at", str(tmp_path), ["+method=at", "eval=full"]) == "method-at+eval-full"
 
 
+def test_evaluation_keys_stay_out_of_run_names_unless_a_sweep_varies_them(tmp_path):
+    from runner.cli import run_name, sweep_name
+
+    assert run_name("+method=at,eval.seed=3,++eval.evaluators=[{name:clean}]") == "method-at"
+    (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: ['+method=at', 'eval.seed=0,1']\n")
+    assert sweep_name("+method=at,eval.seed=1", str(tmp_path), ["+method=at", "eval.seed=1"]) == "method-at+eval.seed-1"
+
+
 @pytest.mark.slow
 def test_submitit_job_stopped_by_the_time_limit_signal_is_requeued_and_resumes(tmp_path):
     """SIGUSR1 (what the slurm presets have SLURM send before the time limit) mid-epoch: the run
