@@ -44,6 +44,11 @@ def _check(losses: torch.Tensor, alpha: float, r: float) -> None:
         raise ValueError(
             f"HR expects a non-empty 1-D tensor of per-sample losses, got shape {tuple(losses.shape)}"
         )
+    check_parameters(alpha, r)
+
+
+def check_parameters(alpha: float, r: float) -> None:
+    """α in [0, 1) and a finite r >= 0 (r → ∞, where HR is the largest loss, is a limit, not a setting)."""
     if not (0.0 <= alpha < 1.0):
         raise ValueError(f"method.alpha must be in [0, 1), got {alpha}")
     if not (0.0 <= r < math.inf):

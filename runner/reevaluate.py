@@ -14,6 +14,7 @@ from runner import checkpoint
 from runner.data import load_splits, to_float
 from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
+from runner.methods import method_name
 from runner.report_header import threat_summary
 from runner.tracking import NOT_RESUMABLE, StopRequests, Tracker, run_environment, write_json
 
@@ -92,8 +93,7 @@ def check_training_keys(cfg, overrides: list[str], saved: dict, path) -> None:
         if found is None:
             continue
         where, value, theirs = found
-        m = saved.get("method") or {}
-        trained = (f"{m.get('name', 'erm') if isinstance(m, dict) else 'erm'}, "
+        trained = (f"{method_name(saved)}, "
                    f"{(saved.get('model') or {}).get('name', '?')}, {(saved.get('dataset') or {}).get('name', '?')}")
         raise ConfigError(
             f"{where}={value} (from {override!r}) differs from the checkpoint's {theirs}: checkpoint "

@@ -9,6 +9,7 @@ Written by `evaluate` whenever a run directory is set, and again by whoever asse
 import re
 from pathlib import Path
 
+from runner.methods import method_name
 from runner.plots import (
     CORRUPTION_FILE,
     CURVE_FILE,
@@ -30,7 +31,7 @@ def plot_title(cfg, out: dict, model_source: str | None) -> str:
     from omegaconf import OmegaConf
 
     run, train = out.get("run") or {}, out.get("train") or {}
-    method = run.get("method") or OmegaConf.select(cfg, "method.name", default=None) or "erm"
+    method = run.get("method") or method_name(cfg)
     seed = run.get("seed", OmegaConf.select(cfg, "seed", default=None))
     which = train.get("checkpoint")
     epoch = train.get("checkpoint_epoch")

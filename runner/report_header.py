@@ -8,6 +8,7 @@ import re
 import time
 from pathlib import Path
 
+from runner.methods import method_name
 from runner.report_tables import evaluator_of
 from runner.report_values import eps_255_text, number, path_text, value_text
 
@@ -108,7 +109,7 @@ def header_lines(cfg, out: dict, model_source: str | None = None, run_dir: Path 
     if method_cfg is None:
         node = select("method")
         method_cfg = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-    method = run.get("method") or (method_cfg or {}).get("name") or "erm"
+    method = run.get("method") or method_name({"method": method_cfg})
     eval_threat = out.get("eval_threat") or threat_summary(select("threat.norm"), select("threat.eps", math.nan))
     train_threat = run.get("threat") or eval_threat
     seed = run.get("seed", select("seed"))

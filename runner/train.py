@@ -317,6 +317,9 @@ def run(cfg, run_dir: Path) -> dict:
 
         which = evaluated_checkpoint(cfg.eval.checkpoint, method)
         chosen = ckpt_dir / f"{which}.pt"
+        if which == "best" and not chosen.exists():  # no epoch had a finite validation score
+            tracker.warning("no best.pt was written (no validation score was finite): evaluating the final model")
+            which, chosen = "last", ckpt_dir / "last.pt"
         trained_epochs = guard.collapse["epoch"] if guard.collapse else epochs
         evaluated_epoch, source = trained_epochs, f"{which}.pt, the final model (epoch {trained_epochs})"
         if guard.collapse and guard.collapse.get("restored_epoch") is not None:  # the guard put it back

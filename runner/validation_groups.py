@@ -146,11 +146,6 @@ def check_method(cfg) -> None:
             if method.get(key, default) != default:
                 fail(f"method.{key}", method.get(key), f"has no effect: AWP is off for method={method.name} "
                       f"(method.awp=false); turn it on with method.awp=true")
-    for key in ("kappa_start", "kappa_end"):
-        if method.get(key) is not None:
-            fraction(f"method.{key}", method.get(key), closed_high=True)
-    if "val_batch_size" in method:
-        at_least("method.val_batch_size", method.val_batch_size, 1, "a positive batch size")
     attack = method.get("attack")
     if attack is not None:
         at_least("method.attack.eps_factor", attack.eps_factor, 0, ">= 0 (the training radius is "
@@ -162,7 +157,10 @@ def check_method(cfg) -> None:
         one_of("method.attack.bn_mode", attack.bn_mode, BN_MODES)
     from runner.methods import build_method
 
-    build_method(cfg)
+    try:
+        build_method(cfg)
+    except ValueError as err:  # a constructor's check, e.g. "method.kappa_start must be in [0, 1], got 1.5"
+        raise ConfigError(str(err)) from None
 
 
 def check_eval(cfg) -> None:

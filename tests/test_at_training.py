@@ -12,7 +12,7 @@ from torch import nn
 
 from runner.config import AttackConfig
 from runner.hr import hr_weights
-from runner.methods import at, hr
+from runner.methods import at, hr, trades
 from runner.methods.base import StepContext
 
 EPS, STEP, STEPS = 0.05, 0.02, 5
@@ -126,3 +126,20 @@ def test_hr_with_alpha_and_r_uses_the_same_attack(bn_mode):
     assert loss.item() == pytest.approx((weights * per_example).sum().item(), abs=1e-5)
     assert logs["loss_mean"].item() == pytest.approx(per_example.mean().item(), abs=1e-5)
     assert not torch.allclose(weights, torch.full_like(weights, 1 / len(y)))  # really reweighted
+
+
+@pytest.mark.parametrize("module", [at, hr, trades])
+def test_best_checkpoint_selection_scores_the_validation_split_under_pgd(module):
+    """Rice et al.'s early stopping: best.pt maximises PGD-10 accuracy on the validation split, not clean."""
+    from runner.attacks import accuracy, pgd
+
+    model, (x, _) = tiny_model().eval(), batch(n=64)
+    y = model(x).argmax(1)  # clean accuracy 1: only an attack can lower the score
+    method = build(module)
+    assert method.select_on == "pgd"
+    torch.manual_seed(0)
+    metrics = method.validate(model, x, y, ctx(eps=0.3))
+    torch.manual_seed(0)
+    with torch.enable_grad():
+        expected = accuracy(model, pgd(model, x, y, eps=0.3, norm="linf", steps=10), y)
+    assert metrics["val/score"] == metrics["val/pgd_acc"] == expected < metrics["val/clean_acc"] == 1.0

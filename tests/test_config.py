@@ -38,8 +38,9 @@ def test_contract_groups_and_options_exist():
     required = {
         "dataset": {"digits", "mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "synthetic"},
         "model": {"mlp", "cnn_small", "cnn_digits", "cnn_large", "cnn7", "preact_resnet18", "wrn_28_10", "wrn_34_10"},
-        "method": {"erm", "at"},
-        "eval": {"none", "quick"},
+        "method": {"erm", "at", "trades", "ibp", "hr", "sam"},
+        "eval": {"none", "quick", "standard", "certified", "corruptions", "full"},
+        "experiment": {"cifar10_at", "cifar10_trades", "mnist_ibp", "cifar10_ibp"},
         "optimizer": {"sgd", "adam", "adamw"},
         "scheduler": {"cosine", "multistep", "onecycle", "constant"},
         "logger": {"none", "wandb"},
@@ -97,6 +98,7 @@ def test_typos_and_wrong_types_fail_naming_the_key(compose_cfg, overrides, named
         (["dataset.val_size=0", "eval.checkpoint=best"], "dataset.val_size"),
         (["+method=ibp", "method.val_batch_size=0"], "method.val_batch_size"),
         (["+method=crown_ibp", "method.val_batch_size=-5"], "method.val_batch_size"),
+        (["+method=hr", "method.r=inf"], "method.r"),  # a limit, not a setting: failed at the first step
         (["dataset.test_size=5000"], "dataset.test_size"),
         (["dataset=synthetic", "dataset.n_samples=5"], "dataset.n_samples"),
         (["dataset=synthetic", "dataset.n_samples=100"], "dataset.test_size"),

@@ -190,14 +190,15 @@ def test_gowal_loss_mixes_clean_and_robust_cross_entropy():
     torch.testing.assert_close(loss, 0.5 * F.cross_entropy(model(x), y) + 0.5 * robust)
 
 
-def test_warmup_regulariser_is_added_during_the_ramp_and_vanishes_after():
+@pytest.mark.parametrize("eps_factor", [1.0, 1.5])
+def test_warmup_regulariser_is_added_during_the_ramp_and_vanishes_after(eps_factor):
     model, (x, y) = tiny_model().train(), batch()
-    with_reg = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=4, reg_lambda=0.5))
-    without = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=4, reg_lambda=0.0))
+    with_reg = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=4, reg_lambda=0.5, eps_factor=eps_factor))
+    without = ibp.build(run_cfg(warmup_epochs=1, ramp_epochs=4, reg_lambda=0.0, eps_factor=eps_factor))
     for step in (0, 20):  # warm-up (reg at a tiny eps) and mid-ramp
         loss, logs = with_reg.loss(model, x, y, ctx(step))
         plain, _ = without.loss(model, x, y, ctx(step))
-        weight = 0.5 * (1 - logs["eps_t"] / EPS)
+        weight = 0.5 * (1 - logs["eps_t"] / (eps_factor * EPS))  # lambda (1 - eps_t / eps_train)
         torch.testing.assert_close(loss, plain + weight * logs["reg_loss"])
         assert logs["reg_loss"] > 0
     _, logs = with_reg.loss(model, x, y, ctx(60))
@@ -214,6 +215,40 @@ def test_regulariser_terms():
     assert math.isclose(reg.item(), 0.8, rel_tol=1e-6)
 
 
+def test_relu_balance_term_closed_form():
+    narrow = torch.full((1, 4), 0.01)  # every neuron stable; the tightness term is 0 (r_i = r_0)
+    # One active neuron at 1, three inactive at -0.1: mean ratio 0.25 / 0.075 -> min(10/3, 0.3) = 0.3;
+    # centre mean 0.175, variance ratio 0.825² / (3 · 0.275²) = 3 -> 1/3. (0.2 + 1/6) / 0.5 = 11/15.
+    unbalanced = torch.tensor([[1.0, -0.1, -0.1, -0.1]])
+    reg = ibp.warmup_regulariser(narrow, [(unbalanced, narrow)], tol=0.5)
+    assert math.isclose(reg.item(), 11 / 15, rel_tol=1e-5)
+    # All neurons dead: both ratios are 0, the full (0.5 + 0.5) / 0.5 = 2 (Shi et al.'s reference adds it);
+    # all active: the mean ratio divides by zero and the reference skips the layer, as here.
+    dead, alive = torch.tensor([[-1.0, -0.5, -0.2, -2.0]]), torch.tensor([[1.0, 0.5, 0.2, 2.0]])
+    assert ibp.warmup_regulariser(narrow, [(dead, narrow)], tol=0.5).item() == 2.0
+    assert ibp.warmup_regulariser(narrow, [(alive, narrow)], tol=0.5).item() == 0.0
+    # Averaged over the ReLU layers.
+    both = ibp.warmup_regulariser(narrow, [(unbalanced, narrow), (dead, narrow)], tol=0.5)
+    assert math.isclose(both.item(), (11 / 15 + 2) / 2, rel_tol=1e-5)
+
+
+def test_tightness_compares_with_the_input_box_after_the_models_normalisation():
+    """r_0 is measured where the reference measures it, on normalised data: eps / std wide, not eps."""
+    model, (x, y) = tiny_model(batch_norm=False).train(), batch()  # Normalize([0.5], [0.3]) first
+    box = bounds.input_box(x, 0.05)
+    torch.testing.assert_close(ibp.input_radius(model, box), box[1] / 0.3)
+    torch.testing.assert_close(ibp.input_radius(model[1:], box), box[1])  # no Normalize: pixel units
+    method = ibp.build(run_cfg(warmup_epochs=0, ramp_epochs=4, reg_lambda=0.5))
+    _, logs = method.loss(model, x, y, ctx(10))  # mid-ramp: eps_t > 0
+    relu_inputs = []
+    bounds.ibp_margin_bounds(model, x, y, logs["eps_t"], relu_inputs=relu_inputs)
+    box = bounds.input_box(x, logs["eps_t"])
+    expected = ibp.warmup_regulariser(box[1] / 0.3, relu_inputs, tol=0.5)
+    in_pixel_units = ibp.warmup_regulariser(box[1], relu_inputs, tol=0.5)
+    assert not torch.isclose(expected, in_pixel_units)  # the test can tell the two apart
+    torch.testing.assert_close(logs["reg_loss"], expected)
+
+
 def test_crown_ibp_loss_at_full_beta_uses_the_crown_bound():
     model, (x, y) = tiny_model().train(), batch()
     method = crown_ibp.build(run_cfg(crown_ibp, warmup_epochs=0, ramp_epochs=0, reg_lambda=0.0, beta_end=1.0))
@@ -224,6 +259,17 @@ def test_crown_ibp_loss_at_full_beta_uses_the_crown_bound():
     torch.testing.assert_close(loss, bounds.robust_cross_entropy(lower, y))
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_crown_ibp_loss_mixes_the_two_bounds_with_beta_along_the_ramp():
+    model, (x, y) = tiny_model().train(), batch()
+    method = crown_ibp.build(run_cfg(crown_ibp, warmup_epochs=0, ramp_epochs=2, ramp="linear", reg_lambda=0.0))
+    loss, logs = method.loss(model, x, y, ctx(9))  # half-way: eps_t = eps / 2, beta 1 -> 0 gives 0.5
+    assert math.isclose(logs["eps_t"], EPS / 2) and math.isclose(logs["beta"], 0.5)
+    _, stats = bounds.forward_with_bn_stats(model, x)
+    crown = bounds.crown_margin_bounds(model, x, y, EPS / 2, bn_stats=stats, intermediate="ibp")
+    interval = bounds.ibp_margin_bounds(model, x, y, EPS / 2, bn_stats=stats)
+    torch.testing.assert_close(loss, bounds.robust_cross_entropy(0.5 * crown + 0.5 * interval, y))
 
 
 def test_tightness_is_logged_on_the_steps_the_tracker_records():

@@ -109,3 +109,22 @@ def test_best_pt_is_selected_on_the_validation_split_never_the_test_split(compos
         val_acc = (model(x_val).argmax(1) == y_val).float().mean().item()
     assert best["val"]["val/clean_acc"] == pytest.approx(val_acc, abs=1e-9)
     assert best["val"]["val/score"] == best["val"]["val/clean_acc"]  # ERM selects on clean accuracy
+
+
+def test_without_a_finite_validation_score_the_final_model_is_evaluated_and_labelled_so(compose_cfg, tmp_path,
+                                                                                         monkeypatch):
+    import runner.train
+
+    build_method = runner.train.build_method
+
+    def unscored_method(cfg):
+        method = build_method(cfg)
+        method.validate = lambda *args: {"val/score": float("nan"), "val/clean_acc": float("nan")}
+        return method
+
+    monkeypatch.setattr(runner.train, "build_method", unscored_method)
+    cfg = compose_cfg("train.epochs=2", "eval.checkpoint=best", "eval.evaluators=[{name: clean}]", "model=mlp")
+    results = runner.train.run(cfg, tmp_path)
+    assert not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert (results["train"]["checkpoint"], results["train"]["checkpoint_epoch"]) == ("last", 2)
+    assert "no best.pt was written" in (tmp_path / "train.log").read_text()

@@ -18,7 +18,14 @@ from runner.bounds.graph import (
     supports,
     uses_batch_statistics,
 )
-from runner.bounds.ibp import ibp_margin_bounds, input_box, interval_bounds, margin_spec, propagate
+from runner.bounds.ibp import (
+    ibp_margin_bounds,
+    input_box,
+    interval_bounds,
+    interval_step,
+    margin_spec,
+    propagate,
+)
 from runner.bounds.tightness import ibp_tightness
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "ibp_tightness",
     "input_box",
     "interval_bounds",
+    "interval_step",
     "margin_lower_bounds",
     "margin_spec",
     "propagate",

@@ -5,7 +5,7 @@ import importlib
 
 def build_method(cfg):
     """The method object for a run config; no method configured means plain ERM."""
-    name = cfg.method.name if cfg.get("method") is not None else "erm"
+    name = method_name(cfg)
     try:
         module = importlib.import_module(f"runner.methods.{name}")
     except ModuleNotFoundError as err:
@@ -15,5 +15,7 @@ def build_method(cfg):
     return module.build(cfg)
 
 
-def method_name(cfg) -> str:
-    return cfg.method.name if cfg.get("method") is not None else "erm"
+def method_name(config) -> str:
+    """The method a run config (or a saved config's plain dict) trains with: no method means plain ERM."""
+    method = config.get("method") if config is not None else None
+    return str((method.get("name") if hasattr(method, "get") else None) or "erm")

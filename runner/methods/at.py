@@ -21,7 +21,7 @@ class Config(MethodConfig):
 class AT(Method):
     select_on = "pgd"
 
-    def adversarial(self, model, x, y, ctx, loss_fn=None):
+    def adversarial(self, model, x, y, ctx):
         """The training attack at attack.eps_factor · threat.eps, generated in `attack.bn_mode`."""
         a = self.cfg.method.attack
 
@@ -29,7 +29,7 @@ class AT(Method):
             with model_mode(model, a.bn_mode):
                 return pgd(
                     model, x, y, eps=a.eps_factor * ctx.eps, norm=ctx.norm, steps=a.steps, alpha=a.alpha,
-                    restarts=a.restarts, init="uniform" if a.random_start else "zero", loss_fn=loss_fn,
+                    restarts=a.restarts, init="uniform" if a.random_start else "zero",
                 )
 
         return self.reusable_attack(x, ctx, attack)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 
 from runner import distributed
-from runner.hr import hr_weights, weight_stats
+from runner.hr import check_parameters, hr_weights, weight_stats
 from runner.methods.at import AT
 from runner.methods.at import Config as ATConfig
 
@@ -28,10 +28,7 @@ class HR(AT):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.method
-        if not (0.0 <= m.alpha < 1.0):
-            raise ValueError(f"method.alpha must be in [0, 1), got {m.alpha}")
-        if not (m.r >= 0.0):
-            raise ValueError(f"method.r must be >= 0, got {m.r}")
+        check_parameters(m.alpha, m.r)
         self.alpha, self.r = float(m.alpha), float(m.r)  # read once: config access costs per step
 
     def loss(self, model, x, y, ctx):

@@ -20,6 +20,7 @@ from torch import nn
 
 from runner import bounds
 from runner.config import MethodConfig
+from runner.layers import Normalize
 from runner.methods.base import Method
 
 RAMPS = ("smooth", "linear")
@@ -79,7 +80,9 @@ def kappa_at(step: int, steps_per_epoch: int, m, eps_t: float) -> float:
 
 def ibp_initialise(model: nn.Module) -> int:
     """Shi et al.'s IBP initialisation: every Linear/Conv weight but the last layer's ~ N(0, σ²) with
-    σ = √(2π)/fan_in, which keeps the IBP radius roughly constant through depth. Returns the count."""
+    σ = √(2π)/fan_in, which keeps the IBP radius roughly constant through depth. Returns the count.
+    (The reference also halves the weights of a layer one step after a residual sum; the IBP presets'
+    networks have no residual blocks, and that adjustment is not made here.)"""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     with torch.no_grad():
         for layer in layers[:-1]:
@@ -88,10 +91,22 @@ def ibp_initialise(model: nn.Module) -> int:
     return len(layers) - 1
 
 
+def input_radius(model: nn.Module, box: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """r_0 of the tightness term: the input box's radius in the units the first weight layer sees. The
+    reference normalises the data outside the model (its box is eps / std wide) and compares r_0 with
+    radii measured after that normalisation, as every r_i here is; so the pixel-unit box goes through
+    the model's Normalize layer first."""
+    first = bounds.flatten_layers(model)[0]
+    if isinstance(first, Normalize):
+        return bounds.interval_step(first, *box, None)[1]
+    return box[1]
+
+
 def warmup_regulariser(input_radius: torch.Tensor, relu_inputs: list, tol: float) -> torch.Tensor:
     """Shi et al. (2021) L_tightness + L_relu, averaged over the ReLU layers.
 
-    L_tightness = ReLU(tol − mean(r_0)/mean(r_i)) / tol penalises intervals that grow through depth;
+    L_tightness = ReLU(tol − mean(r_0)/mean(r_i)) / tol penalises intervals that grow through depth
+    (r_0: `input_radius`, the box after the input normalisation);
     L_relu = (ReLU(tol − ρ_mean) + ReLU(tol − ρ_var)) / tol, with ρ the (≤ 1) ratios between the
     mean and the spread of the centres of the active and of the inactive neurons, balances ReLU states.
     """
@@ -101,8 +116,8 @@ def warmup_regulariser(input_radius: torch.Tensor, relu_inputs: list, tol: float
     for centre, radius in relu_inputs:
         tightness = tightness + F.relu(tol - initial / radius.mean().clamp_min(1e-12)) / tol
         active, inactive = (centre - radius > 0).to(centre.dtype), (centre + radius < 0).to(centre.dtype)
-        if active.sum() == 0 or inactive.sum() == 0:
-            continue  # one side is empty: the ratios are undefined (the reference skips them too)
+        # A layer with no inactive neuron gives an infinite term, skipped below as in the reference; one
+        # with no active neuron (all dead) costs the full 2, a constant: its gradient is zero either way.
         spread = (centre - centre.mean()) ** 2
         mean_ratio = (centre * active).mean() / -(centre * inactive).mean()
         var_ratio = (spread * active).sum() / (spread * inactive).sum().clamp_min(1e-12)
@@ -128,6 +143,11 @@ class IBP(Method):
         for key in ("warmup_epochs", "ramp_epochs", "eps_factor", "reg_lambda", "reg_tol"):
             if m[key] < 0:
                 raise ValueError(f"method.{key} must be >= 0, got {m[key]}")
+        for key in ("kappa_start", "kappa_end"):
+            if not 0 <= m[key] <= 1:
+                raise ValueError(f"method.{key} must be in [0, 1], got {m[key]}")
+        if m.val_batch_size < 1:
+            raise ValueError(f"method.val_batch_size must be a positive batch size, got {m.val_batch_size}")
         if cfg.threat.norm != "linf":
             raise ValueError(f"method={m.name} certifies linf balls only (threat.norm={cfg.threat.norm!r})")
         self.log_every = max(1, int(cfg.train.log_every))
@@ -188,7 +208,7 @@ class IBP(Method):
             if eps_t == 0 or not relu_inputs:
                 relu_inputs = []
                 bounds.propagate(model, *input_box, bn_stats, relu_inputs)
-            reg = warmup_regulariser(input_box[1], relu_inputs, m.reg_tol)
+            reg = warmup_regulariser(input_radius(model, input_box), relu_inputs, m.reg_tol)
             loss = loss + m.reg_lambda * (1 - eps_t / eps_train) * reg
             logs["reg_loss"] = reg.detach()
         if (ctx.step + 1) % self.log_every == 0:  # the steps the tracker records

@@ -70,13 +70,14 @@ class TRADES(Method):
                 steps=a.steps,
                 alpha=a.alpha,
                 restarts=a.restarts,
-                init="normal" if a.random_start else "zero",
+                init="normal",  # random_start is required (see __init__)
                 loss_fn=kl_to_clean,
             )
 
     def loss(self, model, x, y, ctx):
         x_adv = self.adversarial(model, x, y, ctx)
-        # Two forwards, as in the reference: one concatenated batch would mix clean and adversarial BN stats.
+        # Separate clean and adversarial forwards, as in the reference: one concatenated batch would mix their
+        # BN statistics (the reference's third, a second clean forward for the KL target, is the same graph).
         clean_logits, adv_logits = model(x), model(x_adv)
         natural = F.cross_entropy(clean_logits, y)
         robust = kl_per_example(clean_logits, adv_logits).mean()  # batchmean
