@@ -108,6 +108,40 @@ def test_honest_at_model_passes_every_sanity_check(honest_model, digits):
     assert results[1].metrics["pgd/acc"] > 0.3  # the AT model is robust, so the checks are not vacuous
 
 
+class Scale(nn.Module):
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, z):
+        return z * self.factor
+
+
+def test_every_pgd_evaluation_flags_robust_points_it_could_not_move(honest_model, digits):
+    """Logits x 1e4 predict exactly as the honest model does, but the cross-entropy gradient underflows to
+    zero at confident points: PGD cannot move them and would count them robust. The default suite's own
+    PGD says so, without the sanity evaluator; the margin loss, which does not saturate, measures them."""
+    x, y = digits
+    saturated = nn.Sequential(*honest_model, Scale(1e4)).eval()
+    (honest,) = run_suite(honest_model, x[:150], y[:150], [{"name": "pgd", "steps": 20}], context())
+    assert honest.checks[0]["passed"] and honest.settings["pgd/acc"]["robust_with_zero_gradient"] == 0
+    (fooled,) = run_suite(saturated, x[:150], y[:150], [{"name": "pgd", "steps": 20}], context())
+    assert not fooled.checks[0]["passed"] and "all-zero ce input gradient" in fooled.checks[0]["detail"]
+    assert fooled.settings["pgd/acc"]["robust_with_zero_gradient"] > 0
+    assert fooled.metrics["pgd/acc"] > honest.metrics["pgd/acc"]  # the inflated number the check flags
+    (margin,) = run_suite(saturated, x[:150], y[:150], [{"name": "pgd", "steps": 20, "loss": "margin"}], context())
+    assert margin.checks[0]["passed"] and margin.metrics["pgd/acc"] <= honest.metrics["pgd/acc"] + 0.02
+
+
+def test_robust_below_clean_compares_the_points_both_evaluated():
+    clean = torch.tensor([True, True, False, True])
+    subset_of_robust = {"clean": clean, "autoattack": torch.tensor([True, True])}  # 100% on its first 2 points
+    assert sanity.robust_below_clean(subset_of_robust)["passed"]
+    wrong = {"clean": clean, "pgd": torch.tensor([True, False, True, False])}  # point 2 is misclassified
+    check = sanity.robust_below_clean(wrong)
+    assert not check["passed"] and "pgd: 1 of 4" in check["detail"]
+
+
 def test_gradient_masked_model_is_flagged(honest_model, digits):
     masked = nn.Sequential(Quantize(4), *honest_model).eval()
     checks, results = sanity_checks(masked, digits)

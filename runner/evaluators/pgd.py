@@ -94,6 +94,40 @@ def loss_function(name: str):
     return margin_loss if name == "margin" else None  # None: pgd's per-example cross-entropy
 
 
+def input_gradients(model, x, y, loss_fn) -> torch.Tensor:
+    """Per-example input gradients of `loss_fn(model(x), y)`, flattened to [N, D]."""
+    x = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(model(x), y).sum(), x)
+    return grad.flatten(1)
+
+
+def zero_gradient_points(model, x, y, loss: str, batch_size: int) -> torch.Tensor:
+    """Where the attack's loss has an all-zero input gradient at x (eval mode): a saturated softmax (every
+    cross-entropy gradient underflows once the margin is large enough) or a masked, piecewise-constant
+    model. PGD's sign step does not move such a point, so "robust" there is not a measurement."""
+    loss_fn = loss_function(loss) or (lambda logits, t: torch.nn.functional.cross_entropy(logits, t, reduction="none"))
+    with model_mode(model, "eval"):
+        zero = [input_gradients(model, x[i : i + batch_size], y[i : i + batch_size], loss_fn).abs().sum(1) == 0
+                for i in range(0, len(y), batch_size)]
+    return torch.cat(zero).cpu()
+
+
+def gradient_check(robust: dict, zero: torch.Tensor, loss: str) -> dict:
+    """Every point PGD leaves robust must have given it a gradient to follow (`robust`: key -> mask)."""
+    stuck = {key: int((mask & zero).sum()) for key, mask in robust.items()}
+    worst = max(stuck, key=stuck.get)
+    passed = stuck[worst] == 0
+    detail = (
+        f"{stuck[worst]} of {int(robust[worst].sum())} points counted robust ({worst}) have an all-zero {loss} "
+        "input gradient at x: PGD cannot move them (softmax saturation or masked gradients), so their "
+        "robustness is unmeasured; evaluate with {name: pgd, loss: margin} or AutoAttack (eval=standard)"
+        if not passed
+        else f"every point counted robust has a non-zero {loss} input gradient at x ({len(zero)} points)"
+    )
+    return {"name": "pgd: robust points have a non-zero attack gradient", "passed": passed, "detail": detail}
+
+
 BATCH_SEED_STRIDE = 7919
 
 
@@ -175,11 +209,13 @@ class PGD(Evaluator):
             "init": "uniform",
             "n_examples": n,
             "seed": ctx.seed,
+            # Each batch of the fixed order draws its random starts from seed + 7919 x its first index.
+            "batch_size": ctx.batch_size,
             "time_s": round(seconds, 3),
         }
 
     def __call__(self, model, x, y, ctx):
-        result = EvalResult()
+        result, robust = EvalResult(), {}
         norm = self.norm or ctx.norm
         for eps in eps_list(self.spec, "pgd", ctx.eps, norm, ctx.norm):
             start = time.perf_counter()
@@ -202,6 +238,11 @@ class PGD(Evaluator):
             # The headline point is "pgd" (compared per point with clean/autoattack/certified); curve
             # points keep their key so the sanity checks can compare neighbouring eps per point.
             result.per_example["pgd" if key == "pgd/acc" else key.removesuffix("/acc")] = correct
+            robust[key] = correct
+        zero = zero_gradient_points(model, x, y, self.loss, ctx.batch_size)
+        result.checks.append(gradient_check(robust, zero, self.loss))
+        for key, mask in robust.items():
+            result.settings[key]["robust_with_zero_gradient"] = int((mask & zero).sum())
         return result
 
 
