@@ -5,6 +5,7 @@ not the user's (a bug), which keeps its traceback. HYDRA_FULL_ERROR=1 keeps full
 
 import dataclasses
 import re
+import sys
 
 from runner.checkpoint import CheckpointError
 from runner.data import DatasetUnavailable
@@ -108,6 +109,8 @@ def _omegaconf(err, override: str | None = None) -> str:
         keys = _schema_keys(err)
         where = key.rsplit(".", 1)[0] + "." if "." in key else ""
         allowed = f"; allowed keys here: {', '.join(where + k for k in keys)}" if keys else ""
+        if not keys and key.startswith("method."):  # `method` is null: plain ERM has no method keys
+            allowed = "; no method is chosen (plain ERM): pick one first, e.g. +method=trades method.beta=6"
         return f"{key}: unknown key{allowed}"
     if isinstance(err, MissingMandatoryValue):
         if key == "ckpt":
@@ -138,6 +141,9 @@ def _hydra(err) -> str | None:
         twice = re.search(r"Multiple values for (\S+)\. To override a value use 'override \S+: (\S+)'", str(err))
         if twice:
             group, option = twice.groups()
+            given = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") == group]
+            if len(given) > 1:
+                return f"{group} is given {len(given)} times on the command line ({', '.join(given)}): keep one"
             return (f"{group} is already chosen by a config (an experiment preset or a method's recipe): "
                     f"replace it with {group}={option} on the command line, without the '+' "
                     f"(+{group}= only adds a group that is not there)")

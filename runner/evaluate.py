@@ -121,9 +121,8 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str |
     for evaluator in build_evaluators(cfg):
         ok, reason = evaluator.supports(model)
         if not ok:
-            out["checks"].append(
-                {"name": f"{evaluator.name} applicable", "passed": True, "detail": f"skipped: {reason}"}
-            )
+            out["checks"].append({"name": f"{evaluator.name} applicable", "passed": True, "skipped": True,
+                                  "detail": f"skipped: {reason}"})
             out["skipped"].append({"evaluator": evaluator.name, "reason": reason})
             log.info(f"eval {evaluator.name}: skipped ({reason})")
             continue

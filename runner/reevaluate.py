@@ -16,7 +16,7 @@ from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
 from runner.methods import method_name
 from runner.report_header import threat_summary
-from runner.tracking import NOT_RESUMABLE, StopRequests, Tracker, run_environment, write_json
+from runner.tracking import NOT_RESUMABLE, StopRequests, Tracker, run_environment, run_state, write_json
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
 # What training decided: the checkpoint's values, never the command line's (results would carry another
@@ -206,7 +206,22 @@ def training_record(path: Path, state: dict) -> tuple[dict, dict | None]:
                     train[key] = value
             train["source"] = f"checkpoint and {results_file}"
             train_env = trained.get("env") if isinstance(trained.get("env"), dict) else None
+    if results_file is not None and not isinstance(trained, dict):  # a run's results come after its training
+        state = run_state(results_file.parent)
+        if state not in (None, "completed"):
+            train["training_status"] = state
     return train, train_env
+
+
+def unfinished_training(train: dict) -> str | None:
+    """A warning when the checkpoint comes from a run directory whose training has not finished."""
+    state = train.get("training_status")
+    if state is None:
+        return None
+    epochs, epoch = train.get("epochs"), train.get("checkpoint_epoch")
+    where = f"from epoch {epoch} of {epochs}" if epoch is not None and epochs is not None else "from its run"
+    return (f"the checkpoint's training run has no results yet (status {state!r}): this model is {where}, "
+            "not the finished one; run that robust-train command again to finish training")
 
 
 def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
@@ -233,6 +248,8 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         saved = state["config"]
         eval_threat = threat_summary(cfg.threat.norm, cfg.threat.eps)
         train, train_env = training_record(path, state)
+        if unfinished_training(train):
+            tracker.warning(unfinished_training(train))
         # `run` describes the trained model (its training threat); the evaluation's threat is eval_threat.
         run = {**run_summary(cfg), "threat": training_threat(saved)}
         info = {"run": run, "train": train, "train_env": train_env, "train_config": saved,

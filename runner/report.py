@@ -64,7 +64,7 @@ def write_report(run_dir: Path, out: dict, cfg, model_source: str | None = None)
     lines += metric_tables(headline, metrics, settings, run_dir) if headline else ["", "(no metrics: suite `none`?)"]
     lines += ["", "## Checks", "", "| | check | detail |", "|---|---|---|"]
     for item in out["checks"]:
-        mark = "pass" if item["passed"] else "**FAIL**"
+        mark = "skip" if item.get("skipped") else "pass" if item["passed"] else "**FAIL**"
         lines.append(f"| {mark} | {item['name']} | {str(item['detail']).replace('|', '/')} |")
     if out.get("skipped"):
         lines += ["", "## Skipped evaluators", ""]

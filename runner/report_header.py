@@ -94,6 +94,13 @@ def _software(env: dict) -> str:
             f"device {env.get('device') or 'unknown'}")
 
 
+def checks_line(checks: list[dict]) -> str:
+    run = [c for c in checks if not c.get("skipped")]
+    skipped = len(checks) - len(run)
+    return (f"- checks: {sum(c['passed'] for c in run)} of {len(run)} passed"
+            + (f" ({skipped} evaluator{'s' if skipped > 1 else ''} skipped: see below)" if skipped else ""))
+
+
 def header_lines(cfg, out: dict, model_source: str | None = None, run_dir: Path | None = None) -> list[str]:
     """The compact block that says which model this is and how it was evaluated. `out` is results.json
     (or evaluate's part of it): its `run`, `train`, `train_config`, `env`, `train_env` and `eval_threat`
@@ -130,6 +137,8 @@ def header_lines(cfg, out: dict, model_source: str | None = None, run_dir: Path 
         epochs_text += f", {train['steps']} steps"
     if train.get("wall_time_s") is not None:
         epochs_text += f", {train['wall_time_s']:.1f} s"
+    if train.get("training_status"):
+        epochs_text += f"; **training unfinished** (its run's status: {train['training_status']})"
     optimizer = train_config.get("optimizer") or {}
     if not optimizer and OmegaConf.is_config(select("optimizer")):
         optimizer = OmegaConf.to_container(select("optimizer"), resolve=True)
@@ -162,7 +171,7 @@ def header_lines(cfg, out: dict, model_source: str | None = None, run_dir: Path 
         f"- suite: `{select('eval.name')}`; evaluation seed {select('eval.seed')}; "
         f"examples: {'the whole test split' if n is None else f'the first {n}'} in its fixed order "
         "(independent of every seed)",
-        f"- checks: {sum(c['passed'] for c in out['checks'])} of {len(out['checks'])} passed",
+        checks_line(out["checks"]),
         f"- written {time.strftime('%Y-%m-%d %H:%M:%S')}",
     ]
     if any(s.get("regenerated") for s in out["eval"].values()):

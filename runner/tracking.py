@@ -210,6 +210,38 @@ def lock_run_dir(run_dir: Path):
     return handle
 
 
+def lock_held(run_dir: Path) -> bool | None:
+    """Whether a live process holds `<run dir>/.lock` (None: no lock file, or locks unavailable here)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = Path(run_dir) / ".lock"
+    if not path.exists():
+        return None
+    try:
+        with open(path) as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when the file closes
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    return False
+
+
+def run_state(run_dir: Path) -> str | None:
+    """status.json's status ("running", "completed", "failed", "interrupted"), with "running" read as
+    "killed" when no process holds the run's lock any more (SIGKILL, an out-of-memory kill, a lost node:
+    nothing could write the status). None without a readable status.json."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if status == "running" and lock_held(run_dir) is False:
+        return "killed"
+    return status
+
+
 # SIGUSR2 is submitit's time-limit signal: the run checkpoints first, then distributed.requeue_if_submitit
 # hands over to submitit's requeue. SIGINT (Ctrl-C) is handled the same way: the training loop checkpoints
 # the exact mid-epoch state and stops (exit 130); a second Ctrl-C stops at once.

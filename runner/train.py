@@ -267,8 +267,8 @@ def run(cfg, run_dir: Path) -> dict:
                     else:
                         scheduler.step()
                     step += 1
-                    tracker.step(step, {**logs, "nonfinite_skipped": skipped} if skipped else logs, epoch,
-                                 optimizer.param_groups[0]["lr"])
+                    tracker.step(step, {**logs, "nonfinite_skipped": skipped} if skipped else logs, epoch + 1,
+                                 optimizer.param_groups[0]["lr"])  # epochs numbered from 1, as the epoch rows
                     if stop.requested:
                         elapsed = train_time + time.perf_counter() - epoch_start
                         if procs.is_main:

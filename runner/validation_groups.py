@@ -150,7 +150,8 @@ def check_method(cfg) -> None:
     if attack is not None:
         at_least("method.attack.eps_factor", attack.eps_factor, 0, ">= 0 (the training radius is "
                   "eps_factor x threat.eps)")
-        at_least("method.attack.steps", attack.steps, 0)
+        at_least("method.attack.steps", attack.steps, 1, ">= 1 (no attack steps is plain training: +method=erm, or "
+                 "method.attack.eps_factor=0 for HR without evasion)")
         at_least("method.attack.restarts", attack.restarts, 1)
         if attack.alpha is not None:
             positive("method.attack.alpha", attack.alpha)

@@ -121,3 +121,20 @@ def test_a_stopped_evaluation_does_not_promise_a_resume(erm_checkpoint, tmp_path
     assert "does not resume" in str(info.value) and "to resume" not in str(info.value)
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "interrupted" and "does not resume" in status["resume"]
+
+
+@pytest.mark.parametrize("status, unfinished", [("interrupted", True), ("completed", False)])
+def test_a_checkpoint_from_unfinished_training_says_so(tmp_path, status, unfinished):
+    from runner.reevaluate import training_record, unfinished_training
+
+    cfg = compose(["model=mlp", "model.hidden=[16]", "train.epochs=6"])
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    checkpoint.save(model_checkpoint(cfg, build_model(cfg.model, dataset_info(cfg.dataset)), {"epoch": 2}), path)
+    (tmp_path / "run" / "status.json").write_text(json.dumps({"status": status}))
+    train, _ = training_record(path, checkpoint.load(path))
+    assert train.get("training_status") == (status if unfinished else None)
+    warning = unfinished_training(train)
+    assert (warning is not None) == unfinished
+    if unfinished:
+        assert "from epoch 2 of 6" in warning and "run that robust-train command again" in warning

@@ -86,6 +86,7 @@ def test_typos_and_wrong_types_fail_naming_the_key(compose_cfg, overrides, named
     "overrides, named",
     [
         (["+method=at", "method.attack.eps_factor=-1"], "method.attack.eps_factor"),
+        (["+method=at", "method.attack.steps=0"], "method.attack.steps"),  # would silently train ERM
         (["+method=ibp", "method.kappa_start=1.5"], "method.kappa_start"),
         (["+method=ibp", "method.kappa_end=-0.1"], "method.kappa_end"),
         (["+method=erm", "method.rho=0.5"], "method.sam=true"),

@@ -94,6 +94,8 @@ CASES = [
     ("unknown key", "robust-train", ["train.epoch=5"], ["train.epoch", "unknown key", "train.epochs"]),
     ("unknown key added with +", "robust-train", ["+train.epoch=5"], ["train.epoch", "train.epochs"]),
     ("unknown top-level key", "robust-train", ["lr=0.1"], ["lr", "unknown key", "optimizer"]),
+    ("method key without a method", "robust-train", ["method.beta=6"], ["method.beta", "+method="]),
+    ("method given twice", "robust-train", ["+method=trades", "+method=at"], ["2 times", "+method=at", "keep one"]),
     ("wrong type int", "robust-train", ["train.epochs=abc"], ["train.epochs=abc", "Integer"]),
     ("wrong type bool", "robust-train", ["deterministic=maybe"], ["deterministic", "bool"]),
     ("unparsable override", "robust-train", ["train.epochs"], ["train.epochs", "key=value"]),

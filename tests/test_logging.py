@@ -114,6 +114,12 @@ def test_local_logs_status_and_metrics(tmp_path):
     assert "mlp" in log and "epoch epoch=2" in log
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if r["kind"] == "epoch"] == [1, 2]
+    # Step rows name the epoch their step belongs to in the same numbering: step s (a count) of epoch
+    # ceil(s / steps per epoch), and the epoch row's step is its last step.
+    per_epoch = next(r["step"] for r in rows if r["kind"] == "epoch")
+    steps = [(r["step"], r["epoch"]) for r in rows if r["kind"] == "train"]
+    assert steps and all(epoch == -(-step // per_epoch) for step, epoch in steps)
+    assert {epoch for _, epoch in steps} == {1, 2}
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "completed"
 
 

@@ -109,3 +109,12 @@ def test_attack_labels_carry_their_settings():
     assert plots.attack_label("certified/ibp", {"verifier": "ibp"}) == "certified (IBP)"
     curves = plots.curve_points({"certified/acc": 0.3}, {"certified/acc": {"eps": 0.1, "norm": "l2"}})
     assert list(curves) == ["l2"]
+
+
+def test_skipped_evaluators_are_not_counted_as_passed_checks():
+    from runner.report_header import checks_line
+
+    checks = [{"name": "pgd <= clean per point", "passed": True},
+              {"name": "certified applicable", "passed": True, "skipped": True, "detail": "skipped: l2"},
+              {"name": "x", "passed": False}]
+    assert checks_line(checks) == "- checks: 1 of 2 passed (1 evaluator skipped: see below)"

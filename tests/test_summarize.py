@@ -325,3 +325,38 @@ def test_the_package_imports_without_matplotlib():
     # the plot imports matplotlib only when it draws: `import runner` and the summary modules stay light
     code = "import sys, runner.summary.cli; print('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+
+
+def test_a_killed_run_is_told_from_a_running_one_by_its_lock(summarize, tmp_path, capsys):
+    import fcntl
+
+    write_run(tmp_path, "done", "erm", 0, {"clean/acc": 0.9})
+    for name in ("alive", "dead"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps({"status": "running", "time": 1}))
+        (tmp_path / name / ".lock").write_text("12345")
+    with open(tmp_path / "alive" / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # what a live robust-train holds; SIGKILL releases it
+        assert summarize.main([str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'alive'} is still running" in printed
+    assert f"{tmp_path / 'dead'} was killed while running" in printed and "run its command again" in printed
+
+
+def test_an_unwritable_output_directory_is_one_line_after_the_table(summarize, tmp_path, capsys):
+    write_run(tmp_path, "r", "erm", 0, {"clean/acc": 0.9})
+    (tmp_path / "file.txt").write_text("")
+    assert summarize.main([str(tmp_path), "--out", str(tmp_path / "file.txt" / "tables")]) == 1
+    captured = capsys.readouterr()
+    assert "| erm |" in captured.out  # the table is printed all the same
+    assert captured.err.count("\n") == 1 and "cannot write the tables" in captured.err and "--out" in captured.err
+
+
+def test_a_checkpoint_of_unfinished_training_is_noted(tmp_path):
+    path = write_run(tmp_path, "eval", "at", 0, {"clean/acc": 0.9})
+    results = json.loads(path.read_text())
+    results["train"] = {"epochs": 6, "checkpoint_epoch": 2, "training_status": "killed"}
+    path.write_text(json.dumps(results))
+    _, notes = load_runs(tmp_path)
+    assert notes == [f"{tmp_path / 'eval'}: evaluates a checkpoint of an unfinished training run (its status: "
+                     "killed, checkpoint epoch 2 of 6)"]

@@ -90,7 +90,8 @@ class Certified(Evaluator):
             if reason:
                 unsupported[method] = reason
                 result.checks.append(
-                    {"name": f"certified/{method} applicable", "passed": True, "detail": f"not run: {reason}"}
+                    {"name": f"certified/{method} applicable", "passed": True, "skipped": True,
+                     "detail": f"not run: {reason}"}
                 )
                 continue
             start = time.perf_counter()

@@ -52,20 +52,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"summarize: --paired {args.paired}: no such method among the runs {methods}", file=sys.stderr)
         return 2
     out = args.out or args.root
-    out.mkdir(parents=True, exist_ok=True)
     text = markdown(rows, metrics, args.root, unfinished + notes + group_notes, groups)
-    (out / "summary.md").write_text(text)
-    write_csv(out / "summary.csv", rows, metrics)
-    table_settings = settings_lines(groups, [r["label"] for r in rows], metrics)
-    write_tex(out / "summary.tex", rows, metrics, args.root, table_settings)
-    robust_key, omitted = write_tradeoff(out / "tradeoff.png", rows, groups)
     print(text, end="")
+    paired_text = None
     if args.paired:
         paired, paired_notes = paired_differences(groups, group_settings, metrics, args.paired)
         paired_text = paired_markdown(paired, metrics, args.paired, groups, paired_notes)
-        (out / "paired.md").write_text(paired_text)
-        write_paired_csv(out / "paired.csv", paired, metrics)
         print("\n" + paired_text, end="")
+    try:  # the tables are printed first: an unwritable directory loses nothing the user asked to see
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.md").write_text(text)
+        write_csv(out / "summary.csv", rows, metrics)
+        table_settings = settings_lines(groups, [r["label"] for r in rows], metrics)
+        write_tex(out / "summary.tex", rows, metrics, args.root, table_settings)
+        robust_key, omitted = write_tradeoff(out / "tradeoff.png", rows, groups)
+        if paired_text is not None:
+            (out / "paired.md").write_text(paired_text)
+            write_paired_csv(out / "paired.csv", paired, metrics)
+    except OSError as err:
+        print(f"summarize: cannot write the tables into {out} ({err.strerror or err}): give a writable "
+              "directory with --out DIR", file=sys.stderr)
+        return 1
     print(
         f"\nwrote {out / 'summary.md'}, {out / 'summary.csv'}, {out / 'summary.tex'}"
         + (

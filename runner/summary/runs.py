@@ -5,6 +5,8 @@ directories that have no results.json yet."""
 import json
 from pathlib import Path
 
+from runner.tracking import run_state
+
 # Config keys (and everything below them) that cannot change a number. `ckpt` is robust-eval's path to
 # the checkpoint: it names the run, like the seed; which checkpoint (best/last) is kept as eval.checkpoint.
 IGNORED_KEYS = (
@@ -30,9 +32,12 @@ def unfinished_runs(root: Path) -> list[str]:
             status = json.loads(status_path.read_text())
         except (OSError, json.JSONDecodeError):
             status = {}
-        state = status.get("status", "unknown") if isinstance(status, dict) else "unknown"
+        state = run_state(run_dir) or "unknown"
         if state == "running":
             lines.append(f"not counted: {run_dir} is still running (no results.json yet)")
+        elif state == "killed":
+            lines.append(f"not counted: {run_dir} was killed while running (status.json still says running and "
+                         "no process holds the run); run its command again to resume from the last checkpoint")
         else:
             error = status.get("error") if isinstance(status, dict) else None
             detail = f"status {state}: {error}" if error else f"status {state}"
@@ -138,11 +143,16 @@ def load_runs(root: Path) -> tuple[list[dict], list[str]]:
             notes.append(f"skipped {path}: no 'run' section with a method")
             continue
         metrics = results.get("metrics")
+        train = results.get("train") if isinstance(results.get("train"), dict) else {}
+        if train.get("training_status"):
+            notes.append(f"{path.parent}: evaluates a checkpoint of an unfinished training run (its status: "
+                         f"{train['training_status']}, checkpoint epoch {train.get('checkpoint_epoch')} of "
+                         f"{train.get('epochs')})")
         settings, from_config = run_settings(results)
         runs.append({
             "path": path, "run": run, "metrics": metrics if isinstance(metrics, dict) else {},
             "eval": results["eval"] if isinstance(results.get("eval"), dict) else {},
-            "train": results["train"] if isinstance(results.get("train"), dict) else {},
+            "train": train,
             "settings": settings, "from_config": from_config, "mtime": path.stat().st_mtime,
         })
     return runs, notes
