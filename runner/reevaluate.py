@@ -238,7 +238,7 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
     tracker = Tracker(run_dir, cfg, log_file="eval.log")
     tracker.status("running")
     # SIGTERM/SIGUSR1/Ctrl-C: stop now, status "interrupted"; an evaluation starts over when run again
-    stop = StopRequests(hint=NOT_RESUMABLE, immediate="during the evaluation (nothing was saved)")
+    stop = StopRequests(hint=NOT_RESUMABLE, immediate="during the evaluation (no results were written)")
     exit_code = 1
     try:
         splits = load_splits(cfg.dataset)

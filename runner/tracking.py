@@ -140,6 +140,13 @@ class Tracker:
     def info(self, msg: str) -> None:
         log.info(msg)
 
+    def to_log_file(self, msg: str) -> None:
+        """A line for the log file only: what the console already shows in the command's own error line."""
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, None)
+        for handler in log.handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+
     def warning(self, msg: str) -> None:
         log.warning(f"WARNING: {msg}")
 

@@ -311,6 +311,7 @@ def run(cfg, run_dir: Path) -> dict:
         tracker.stop_progress()
         if stop.requested:
             raise stop.interrupted(f"after training (step {step}), checkpointed")
+        stop.immediate = "during the evaluation (training is complete and checkpointed)"
         if not procs.is_main:  # rank 0 evaluates and writes the results
             exit_code = 0
             return {}
@@ -358,7 +359,8 @@ def run(cfg, run_dir: Path) -> dict:
             tracker.info(f"interrupted: {err or 'KeyboardInterrupt'}")
             tracker.status("interrupted", error=f"{type(err).__name__}: {err}",
                            signal=getattr(err, "signum", None), resume="run the same command again")
-        else:
+        else:  # train.log read later is not left without the reason (the console has the error line)
+            tracker.to_log_file(f"FAILED: {type(err).__name__}: {err}")
             tracker.status("failed", error=f"{type(err).__name__}: {err}")
         raise
     finally:

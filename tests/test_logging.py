@@ -157,3 +157,13 @@ def test_an_interrupted_run_is_marked_preempted_not_crashed(tmp_path, fake_wandb
     tracker.finish(1)
     assert fake.runs[0].preempting and fake.runs[0].finished_with == 1
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "interrupted"
+
+
+def test_a_failed_run_names_its_error_in_the_log_file(tmp_path):
+    from runner.data import DatasetUnavailable
+    from runner.train import run
+
+    with pytest.raises(DatasetUnavailable):
+        run(small("dataset=cifar10", "dataset.download=false", f"dataset.data_dir={tmp_path / 'none'}"), tmp_path)
+    assert "FAILED: DatasetUnavailable: dataset 'cifar10' was not found" in (tmp_path / "train.log").read_text()
+    assert json.loads((tmp_path / "status.json").read_text())["status"] == "failed"
