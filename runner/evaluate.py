@@ -154,9 +154,24 @@ def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str |
     if run_dir is not None:
         from runner.report import write_report
 
+        write_per_example(Path(run_dir) / PER_EXAMPLE_FILE, ctx.per_example, examples_description(cfg, len(y)))
         path = write_report(Path(run_dir), {**(info or report_info(cfg, device)), **out}, cfg, model_source)
         log.info(f"eval report: {path}")
     return out
+
+
+PER_EXAMPLE_FILE = "per_example.json"
+
+
+def write_per_example(path: Path, per_example: dict, examples: str) -> None:
+    """Every evaluator's per-point result ("1": correct / robust / certified) as one string per name, in
+    the test split's fixed order: what paired comparisons between runs and per-point audits need.
+    Read back with `[c == "1" for c in points[name]]`."""
+    from runner.tracking import write_json
+
+    points = {name: "".join("1" if v else "0" for v in mask.cpu().tolist()) for name, mask in per_example.items()}
+    write_json(path, {"examples": examples, "n": {name: len(bits) for name, bits in points.items()},
+                      "points": points})
 
 
 def report_info(cfg, device) -> dict:

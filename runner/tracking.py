@@ -339,8 +339,9 @@ def reserve_run_dir(path) -> Path:
     raise FileExistsError(f"no free directory next to {str(path)!r}")
 
 
-# What an evaluation writes into the run directory (results.json, report.md and the report's plots).
-RESULT_FILES = ("results.json", "report.md", "*.png")
+# What an evaluation writes into the run directory (results.json, report.md, the per-point results and the
+# report's plots).
+RESULT_FILES = ("results.json", "report.md", "per_example.json", "*.png")
 
 
 def keep_earlier_results(run_dir: Path, say=None) -> Path | None:

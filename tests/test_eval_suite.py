@@ -2,6 +2,7 @@
 gradient-masked model and pass an honest adversarially trained one, curves, calibration, per-class
 accuracy, suites and the report."""
 
+import json
 import math
 
 import pytest
@@ -385,6 +386,13 @@ def test_evaluate_records_settings_intervals_checks_and_report(compose_cfg, hone
     for plot in ("robustness_curve.png", "reliability.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"]({plot})" in report
+    # Every per-point result, in the split's order: each accuracy is its mean.
+    saved = json.loads((tmp_path / "per_example.json").read_text())
+    assert saved["n"]["clean"] == saved["n"]["pgd"] == 60 and "first 60" in saved["examples"]
+    for name, key in (("clean", "clean/acc"), ("pgd", "pgd/acc"), ("pgd/eps_0.05", "pgd/eps_0.05/acc")):
+        bits = [c == "1" for c in saved["points"][name]]
+        assert sum(bits) / len(bits) == pytest.approx(out["metrics"][key])
+    assert all(clean == "1" for robust, clean in zip(saved["points"]["pgd"], saved["points"]["clean"]) if robust == "1")
 
 
 def test_wilson_interval_brackets_the_estimate():
