@@ -116,7 +116,7 @@ if _plain_help(sys.argv) is None:
 # ---- the fast --help ---------------------------------------------------------------------------------
 
 # Groups a checkpoint's evaluation takes from the checkpoint (training only).
-EVAL_SKIPS = ("method", "experiment", "optimizer", "scheduler")
+EVAL_SKIPS = ("method", "experiment", "optimizer", "scheduler", "dataset", "model")  # the checkpoint's
 GROUP_NOTES = {
     "method": "none given: plain ERM; pick one with +method=NAME",
     "experiment": "presets of the papers' recipes, experiment=NAME",
@@ -139,7 +139,21 @@ EXAMPLES = {
         ("robust-eval ckpt=outputs/runs/method-at", "the quick suite on a run's checkpoint"),
         ("robust-eval ckpt=outputs/runs/method-at eval=full", "any suite on any checkpoint"),
         ("robust-eval ckpt=model.pt eval=certified threat.eps=0.05", "other settings"),
-        ("robust-eval ckpt=outputs/runs/method-at --cfg job", "print the composed config and exit"),
+        ("robust-eval ckpt=outputs/runs/method-at --cfg job", "print the command's own config (before the "
+         "checkpoint's)"),
+    ],
+}
+
+KEYS_HELP = {
+    "robust-train": [
+        "Keys (key=value): seed, deterministic, device=auto|cpu|cuda, resume=auto|never, threat.norm=linf|l2,",
+        "  threat.eps (pixel units), train.epochs, train.batch_size, train.precision=fp32|bf16,",
+        "  dataset.data_dir, dataset.label_noise, eval.n_examples, method.<key> of the chosen method.",
+    ],
+    "robust-eval": [
+        "Keys (key=value): device=auto|cpu|cuda, threat.norm=linf|l2, threat.eps (pixel units), eval.n_examples,",
+        "  eval.batch_size, eval.seed, dataset.data_dir. The training keys (method, model, dataset, train.*,",
+        "  seed) are the checkpoint's and cannot be overridden.",
     ],
 }
 
@@ -147,7 +161,8 @@ SUMMARY = {
     "robust-train": "compose the config, train, evaluate with the selected suite, write the run directory\n"
     "(.hydra/, train.log, metrics.jsonl, checkpoints/last.pt, results.json, status.json).",
     "robust-eval": "evaluate an existing checkpoint with any suite; results.json lands in a new run "
-    "directory.\nThe model, dataset and threat come from the checkpoint unless overridden.",
+    "directory.\nThe model, dataset, method and training settings come from the checkpoint; so does the "
+    "threat, unless overridden.",
 }
 
 
@@ -197,15 +212,8 @@ def _help_text(command: str) -> str:
         wrapped = textwrap.wrap(", ".join(listed), 110 - width - 2, break_on_hyphens=False)
         lines.append(f"  {name:<{width}}{wrapped[0]}")
         lines += [" " * (width + 2) + more for more in wrapped[1:]]
-    lines += [
-        "",
-        "Keys (key=value): seed, deterministic, device=auto|cpu|cuda, resume=auto|never, threat.norm=linf|l2,",
-        "  threat.eps (pixel units), train.epochs, train.batch_size, train.precision=fp32|bf16,",
-        "  dataset.data_dir, dataset.label_noise, eval.n_examples, method.<key> of the chosen method.",
-        f"  `{command} --cfg job` prints every key of the composed config.",
-        "",
-        "Examples:",
-    ]
+    lines += ["", *KEYS_HELP[command], f"  `{command} --cfg job` prints every key of the composed config.", "",
+              "Examples:"]
     width = max(len(example) for example, _ in EXAMPLES[command]) + 3
     lines += [f"  {example:<{width}}# {what}" for example, what in EXAMPLES[command]]
     lines += ["", "Hydra's own options (--cfg, --resolve, --multirun, --info, ...): --hydra-help", ""]

@@ -55,6 +55,8 @@ def test_eval_help_names_the_checkpoint_and_skips_training_groups():
     text = cli._help_text("robust-eval")
     assert "ckpt=<run dir or .pt>" in text
     assert "\n  method " not in text and "\n  eval " in text
+    # The checkpoint decides the model, data and training: neither is offered as an option here.
+    assert "\n  model " not in text and "\n  dataset " not in text and "train.epochs" not in text
 
 
 @pytest.mark.parametrize(
