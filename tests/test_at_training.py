@@ -141,5 +141,5 @@ def test_best_checkpoint_selection_scores_the_validation_split_under_pgd(module)
     metrics = method.validate(model, x, y, ctx(eps=0.3))
     torch.manual_seed(0)
     with torch.enable_grad():
-        expected = accuracy(model, pgd(model, x, y, eps=0.3, norm="linf", steps=10), y)
+        expected = accuracy(model, pgd(model, x, y, eps=0.3, norm="linf", steps=10), y)  # every x is correct
     assert metrics["val/score"] == metrics["val/pgd_acc"] == expected < metrics["val/clean_acc"] == 1.0
