@@ -44,30 +44,36 @@ if sys.argv and os.path.basename(sys.argv[0]) in COMMANDS and signal.getsignal(s
     signal.signal(signal.SIGINT, _interrupted_while_starting)
 
 
-def _trained_items(override_dirname: str) -> list[str]:
-    """The overrides in `override_dirname` that can change what is trained: every `eval.*` key only changes
-    the evaluation, like the `eval` group and the keys train.yaml's exclude_keys lists."""
-    return [item for item in override_dirname.split(",") if item and not item.lstrip("+~").startswith("eval.")]
+def _trained_lines(task_overrides, exclude_keys) -> list[str]:
+    """The command's overrides that can change what is trained, sorted as Hydra's override_dirname lists
+    them: the keys train.yaml's exclude_keys names and every `eval.*` key (they change only the
+    evaluation) left out. Parsed, not split on ',': values such as evaluator lists hold commas."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    excluded = set(exclude_keys or ())
+    parsed = OverridesParser.create().parse_overrides(list(task_overrides or ()))
+    return sorted(o.input_line for o in parsed
+                  if o.key_or_group not in excluded and not o.key_or_group.startswith("eval."))
 
 
-def _directory_name(items: list[str]) -> str:
-    items = [item.lstrip("+~").replace("=", "-", 1) for item in items]
+def _directory_name(lines: list[str]) -> str:
+    items = [item.lstrip("+~").replace("=", "-", 1) for item in ",".join(lines).split(",") if item]
     name = re.sub(r"[^A-Za-z0-9+._\-@]", "_", "+".join(items).replace("/", "_")) or "default"
     if len(name) > 120:  # long sweeps: keep it readable and unique
         name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
     return name
 
 
-def run_name(override_dirname: str) -> str:
+def run_name(task_overrides, exclude_keys=()) -> str:
     """A run directory name from the command's overrides: the same training, the same directory.
 
-    `+method=at,seed=0` becomes `method-at+seed-0`: no '=' or ',', so the directory can be passed back
+    `+method=at seed=0` becomes `method-at+seed-0`: no '=' or ',', so the directory can be passed back
     unquoted as a Hydra value (`robust-eval ckpt=outputs/runs/method-at+seed-0`).
     """
-    return _directory_name(_trained_items(override_dirname))
+    return _directory_name(_trained_lines(task_overrides, exclude_keys))
 
 
-def sweep_name(override_dirname: str, sweep_dir: str, task_overrides) -> str:
+def sweep_name(task_overrides, exclude_keys, sweep_dir: str) -> str:
     """A sweep job's subdirectory: its run name, plus every key the sweep varies that the run name leaves
     out. `robust-train -m eval=quick,full` then gives each suite its own directory, instead of two jobs
     training into one (at once, under a parallel launcher). The sweep's own overrides come from the
@@ -81,7 +87,7 @@ def sweep_name(override_dirname: str, sweep_dir: str, task_overrides) -> str:
         swept = {o.get_key_element() for o in parser.parse_overrides(list(sweep_overrides)) if o.is_sweep_override()}
     except Exception:  # noqa: BLE001 - no readable multirun.yaml: name the job as a single run
         swept = set()
-    named = _trained_items(override_dirname)
+    named = _trained_lines(task_overrides, exclude_keys)
     job = parser.parse_overrides(list(task_overrides))
     extra = [o.input_line for o in job if o.get_key_element() in swept and o.input_line not in named]
     return _directory_name(sorted(named + extra))
@@ -341,10 +347,11 @@ def _exit_for(err: BaseException, command: str) -> None:
     sys.exit(1)
 
 
-def _own_directory(key: str, path, overrides: list[str]) -> None:
-    """outputs/evals/<second> and outputs/sweeps/<second>: two evaluations (or sweeps) started in the same
-    second get a directory each, unless the user named one (as a sweep's resume does)."""
-    if not any(o.split("=", 1)[0].lstrip("+~") == key for o in overrides):  # key=, +key=, ++key=
+def _own_directory(key: str, path) -> None:
+    """A time-stamped directory (outputs/evals/<second>, outputs/sweeps/<second>) reserved: two evaluations
+    (or sweeps) started in the same second get one each. A named directory (a sweep to resume) is never
+    stamped, so never reserved; `path` is None then."""
+    if path is not None:
         from runner.tracking import reserve_run_dir
 
         sys.argv.append(f"{key}={reserve_run_dir(path)}")
@@ -369,14 +376,13 @@ def _main(task, command: str, config_name: str) -> None:
             preflight = preflight_train if command == "robust-train" else preflight_eval
             run_dir = preflight(*single)
             if command == "robust-eval":
-                _own_directory("hydra.run.dir", run_dir, single[0])
+                _own_directory("hydra.run.dir", run_dir)
         sweep = _single_run_overrides(sys.argv[1:], config_name, multirun=True)
         if sweep is not None:  # every job checked before the sweeper writes or launches anything
             from runner.preflight import preflight_sweep
 
             sweep_dir = preflight_sweep(*sweep)
-            if sweep_dir:
-                _own_directory("hydra.sweep.dir", sweep_dir, sweep[0])
+            _own_directory("hydra.sweep.dir", sweep_dir)
         with _hydra_reraises():
             task()
     except SystemExit:

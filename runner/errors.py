@@ -101,7 +101,7 @@ def _schema_keys(err) -> list[str] | None:
     return None
 
 
-def _omegaconf(err, override: str | None = None) -> str:
+def _omegaconf(err, override: str | None = None, command: str | None = None) -> str:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, MissingMandatoryValue
 
     key = getattr(err, "full_key", None) or "?"
@@ -110,7 +110,8 @@ def _omegaconf(err, override: str | None = None) -> str:
         where = key.rsplit(".", 1)[0] + "." if "." in key else ""
         allowed = f"; allowed keys here: {', '.join(where + k for k in keys)}" if keys else ""
         if not keys and key.startswith("method."):  # `method` is null: plain ERM has no method keys
-            allowed = "; no method is chosen (plain ERM): pick one first, e.g. +method=trades method.beta=6"
+            allowed = ("; the method's keys are the checkpoint's" if command == "robust-eval" else
+                       "; no method is chosen (plain ERM): pick one first, e.g. +method=trades method.beta=6")
         return f"{key}: unknown key{allowed}"
     if isinstance(err, MissingMandatoryValue):
         if key == "ckpt":
@@ -120,7 +121,7 @@ def _omegaconf(err, override: str | None = None) -> str:
     return f"{given}{_first_line(getattr(err, 'msg', None) or err)}"
 
 
-def _hydra(err) -> str | None:
+def _hydra(err, command: str | None = None) -> str | None:
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -151,7 +152,7 @@ def _hydra(err) -> str | None:
         match = re.search(r"override (\S+=\S*)", str(err))
         override = match.group(1) if match else None
         if isinstance(cause, OmegaConfBaseException):
-            return _omegaconf(cause, override)
+            return _omegaconf(cause, override, command)
         return " ".join(line.strip() for line in str(err).splitlines() if line.strip())
     return None
 
@@ -163,9 +164,9 @@ def describe(err: BaseException, command: str | None = None) -> str | None:
     from omegaconf.errors import OmegaConfBaseException
 
     if isinstance(err, HydraException):
-        return _hydra(err) or _first_line(err)
+        return _hydra(err, command) or _first_line(err)
     if isinstance(err, OmegaConfBaseException):
-        return _omegaconf(err)
+        return _omegaconf(err, command=command)
     if isinstance(err, RunInterrupted):
         return str(err)
     if isinstance(err, DatasetUnavailable):

@@ -8,8 +8,9 @@ from runner.validation import check_eval_command, check_run, check_writable_dir
 
 
 def _compose(overrides: list[str], config_name: str, sweep: bool = False):
-    """(the config without its hydra node, the run directory; with `sweep`, the sweep directory and the
-    hydra node's sweeper settings too)."""
+    """(the config without its hydra node, the run directory (with `sweep`: the sweep directory), the hydra
+    node's sweeper settings, whether that directory is time-stamped: its setting holds ${now:...}, so it
+    is a new directory by construction, never one to resume in)."""
     from hydra import compose, initialize_config_module
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import setup_globals
@@ -21,30 +22,33 @@ def _compose(overrides: list[str], config_name: str, sweep: bool = False):
     with initialize_config_module(config_module="runner.configs", version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a real run
-        run_dir = cfg.hydra.sweep.dir if sweep else cfg.hydra.run.dir
-        sweeper = cfg.hydra.sweeper
-        from omegaconf import open_dict
+        from omegaconf import OmegaConf, open_dict
 
+        node = cfg.hydra.sweep if sweep else cfg.hydra.run
+        stamped = "${now:" in str(OmegaConf.to_container(node, resolve=False).get("dir"))
+        run_dir = node.dir
+        sweeper = cfg.hydra.sweeper
         with open_dict(cfg):
             del cfg["hydra"]
-        return (cfg, run_dir, sweeper) if sweep else (cfg, run_dir)
+        return cfg, run_dir, sweeper, stamped
 
 
 def preflight_train(overrides: list[str], config_name: str = "train") -> None:
-    cfg, run_dir = _compose(overrides, config_name)
+    cfg, run_dir, _, _ = _compose(overrides, config_name)
     check_writable_dir(run_dir, "hydra.run.dir")
     check_run(cfg)
 
 
-def preflight_eval(overrides: list[str], config_name: str = "eval") -> str:
-    """Checks as `preflight_train`; returns the run directory Hydra would use."""
+def preflight_eval(overrides: list[str], config_name: str = "eval") -> str | None:
+    """Checks as `preflight_train`; returns the run directory Hydra would use when it is a time-stamped
+    one (the caller reserves it), else None."""
     from runner.reevaluate import prepare
 
-    cfg, run_dir = _compose(overrides, config_name)
+    cfg, run_dir, _, stamped = _compose(overrides, config_name)
     check_eval_command(cfg)
     check_writable_dir(run_dir, "hydra.run.dir")
     prepare(cfg, [o for o in overrides if not o.startswith(("hydra.", "hydra/"))])
-    return run_dir
+    return run_dir if stamped else None
 
 
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -66,7 +70,8 @@ def preflight_sweep(overrides: list[str], config_name: str = "train") -> str | N
     """Every job of a `-m` sweep composed and checked as `preflight_train` / `preflight_eval` check a single
     run, before the sweeper writes anything (multirun.yaml included) or launches a job: a bad value in
     any job fails the whole sweep up front, naming the job. Other sweepers than Hydra's basic one are left
-    to check their jobs as they start. Returns the sweep directory (None when the jobs were not checked)."""
+    to check their jobs as they start. Returns the sweep directory when it is time-stamped (a new one, for
+    the caller to reserve); None when it is not (a sweep to resume names its own) or the jobs were not checked."""
     from omegaconf import OmegaConf
 
     from runner.errors import describe
@@ -74,7 +79,7 @@ def preflight_sweep(overrides: list[str], config_name: str = "train") -> str | N
     jobs, swept = sweep_jobs(overrides)
     if not jobs:
         return None
-    _, first_sweep_dir, sweeper = _compose(jobs[0], config_name, sweep=True)
+    _, first_sweep_dir, sweeper, stamped = _compose(jobs[0], config_name, sweep=True)
     if sweeper.get("_target_") != BASIC_SWEEPER:
         return None
     params = OmegaConf.to_container(sweeper.params, resolve=True) if sweeper.get("params") else None
@@ -82,7 +87,7 @@ def preflight_sweep(overrides: list[str], config_name: str = "train") -> str | N
         jobs, swept = sweep_jobs(overrides, params)
     for number, job in enumerate(jobs, 1):
         try:
-            cfg, sweep_dir, _ = _compose(job, config_name, sweep=True)
+            cfg, sweep_dir, _, _ = _compose(job, config_name, sweep=True)
             if number == 1:
                 check_writable_dir(sweep_dir, "hydra.sweep.dir")
             if config_name == "eval":
@@ -99,4 +104,4 @@ def preflight_sweep(overrides: list[str], config_name: str = "train") -> str | N
             varied = " ".join(o for o in job if o.split("=", 1)[0].lstrip("+~") in swept)
             raise ConfigError(f"sweep job {number} of {len(jobs)} ({varied or 'no swept keys'}): {message}; "
                               f"no job was launched") from None
-    return first_sweep_dir
+    return first_sweep_dir if stamped else None

@@ -206,22 +206,32 @@ def training_record(path: Path, state: dict) -> tuple[dict, dict | None]:
                     train[key] = value
             train["source"] = f"checkpoint and {results_file}"
             train_env = trained.get("env") if isinstance(trained.get("env"), dict) else None
-    if results_file is not None and not isinstance(trained, dict):  # a run's results come after its training
-        state = run_state(results_file.parent)
-        if state not in (None, "completed"):
-            train["training_status"] = state
+    if results_file is not None and not isinstance(trained, dict) and not training_finished(results_file.parent):
+        status = run_state(results_file.parent)
+        if status not in (None, "completed"):
+            train["training_status"] = status
     return train, train_env
+
+
+def training_finished(run_dir: Path) -> bool:
+    """Whether the run's status.json says its training ended (an evaluation may have failed after it)."""
+    try:
+        return json.loads((run_dir / "status.json").read_text()).get("trained") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def unfinished_training(train: dict) -> str | None:
     """A warning when the checkpoint comes from a run directory whose training has not finished."""
-    state = train.get("training_status")
-    if state is None:
+    status = train.get("training_status")
+    if status is None:
         return None
     epochs, epoch = train.get("epochs"), train.get("checkpoint_epoch")
     where = f"from epoch {epoch} of {epochs}" if epoch is not None and epochs is not None else "from its run"
-    return (f"the checkpoint's training run has no results yet (status {state!r}): this model is {where}, "
-            "not the finished one; run that robust-train command again to finish training")
+    then = ("its training failed (its status.json has the error)" if status == "failed" else
+            "run that robust-train command again to finish training")
+    return (f"the checkpoint's training run has not finished (status {status!r}): this model is {where}, not "
+            f"the final one; {then}")
 
 
 def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
@@ -248,8 +258,9 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         saved = state["config"]
         eval_threat = threat_summary(cfg.threat.norm, cfg.threat.eps)
         train, train_env = training_record(path, state)
-        if unfinished_training(train):
-            tracker.warning(unfinished_training(train))
+        unfinished = unfinished_training(train)
+        if unfinished:
+            tracker.warning(unfinished)
         # `run` describes the trained model (its training threat); the evaluation's threat is eval_threat.
         run = {**run_summary(cfg), "threat": training_threat(saved)}
         info = {"run": run, "train": train, "train_env": train_env, "train_config": saved,
@@ -272,6 +283,8 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
         return results
     except BaseException as err:
         interrupted = isinstance(err, KeyboardInterrupt | RunInterrupted)
+        if not interrupted:
+            tracker.to_log_file(f"FAILED: {type(err).__name__}: {err}")
         tracker.status("interrupted" if interrupted else "failed", error=f"{type(err).__name__}: {err}",
                        **({"resume": NOT_RESUMABLE} if interrupted else {}))
         raise

@@ -186,6 +186,9 @@ def _fmt(v):
 
 # ---- run lifecycle: one process per run directory, SIGTERM/SIGUSR1 as "checkpoint and stop" -------
 
+LOCK_ATTEMPTS = 5
+
+
 def lock_run_dir(run_dir: Path):
     """An exclusive lock on `<run dir>/.lock` for this process's lifetime (released by the kernel when
     it dies, SIGKILL included), so two processes never train into the same directory. Returns the open
@@ -196,7 +199,14 @@ def lock_run_dir(run_dir: Path):
         return None
     handle = open(Path(run_dir) / ".lock", "a+")  # noqa: SIM115 - held for the run's lifetime
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for attempt in range(LOCK_ATTEMPTS):  # `lock_held` (summarize asking "alive?") holds it for an instant
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == LOCK_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.2)
     except BlockingIOError:
         from runner.errors import RunDirBusy
 

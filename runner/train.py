@@ -162,6 +162,7 @@ def run(cfg, run_dir: Path) -> dict:
     for warning in resume_warnings:
         tracker.warning(str(warning.message))
     tracker.status("running")
+    finished_training = {}  # {"trained": True} once training is done: what robust-eval reads in status.json
     # The resolved config, converted once: config.json, every checkpoint and results.json carry it.
     config = OmegaConf.to_container(cfg, resolve=True)
     if procs.is_main:
@@ -312,6 +313,8 @@ def run(cfg, run_dir: Path) -> dict:
         if stop.requested:
             raise stop.interrupted(f"after training (step {step}), checkpointed")
         stop.immediate = "during the evaluation (training is complete and checkpointed)"
+        finished_training = {"trained": True}
+        tracker.status("running", **finished_training)
         if not procs.is_main:  # rank 0 evaluates and writes the results
             exit_code = 0
             return {}
@@ -351,17 +354,18 @@ def run(cfg, run_dir: Path) -> dict:
         metrics = evaluate(model, cfg, to_float(splits.test[0]), splits.test[1], device, run_dir, source, info)
         results = {"run": info["run"], "train": info["train"], **metrics, "env": info["env"], "config": config}
         write_json(run_dir / "results.json", results)
-        tracker.status("completed")
+        tracker.status("completed", **finished_training)
         exit_code = 0
         return results
     except BaseException as err:
         if isinstance(err, RunInterrupted | KeyboardInterrupt):
             tracker.info(f"interrupted: {err or 'KeyboardInterrupt'}")
             tracker.status("interrupted", error=f"{type(err).__name__}: {err}",
-                           signal=getattr(err, "signum", None), resume="run the same command again")
+                           signal=getattr(err, "signum", None), resume="run the same command again",
+                           **finished_training)
         else:  # train.log read later is not left without the reason (the console has the error line)
             tracker.to_log_file(f"FAILED: {type(err).__name__}: {err}")
-            tracker.status("failed", error=f"{type(err).__name__}: {err}")
+            tracker.status("failed", error=f"{type(err).__name__}: {err}", **finished_training)
         raise
     finally:
         stop.close()

@@ -123,7 +123,12 @@ def test_a_stopped_evaluation_does_not_promise_a_resume(erm_checkpoint, tmp_path
     assert status["status"] == "interrupted" and "does not resume" in status["resume"]
 
 
-@pytest.mark.parametrize("status, unfinished", [("interrupted", True), ("completed", False)])
+@pytest.mark.parametrize("status, unfinished", [
+    ({"status": "interrupted"}, "run that robust-train command again"),
+    ({"status": "failed", "error": "NonFiniteLoss: ..."}, "its training failed"),
+    ({"status": "failed", "trained": True}, None),  # trained to the end, then its evaluation failed
+    ({"status": "completed", "trained": True}, None),
+])
 def test_a_checkpoint_from_unfinished_training_says_so(tmp_path, status, unfinished):
     from runner.reevaluate import training_record, unfinished_training
 
@@ -131,10 +136,24 @@ def test_a_checkpoint_from_unfinished_training_says_so(tmp_path, status, unfinis
     path = tmp_path / "run" / "checkpoints" / "best.pt"
     path.parent.mkdir(parents=True)
     checkpoint.save(model_checkpoint(cfg, build_model(cfg.model, dataset_info(cfg.dataset)), {"epoch": 2}), path)
-    (tmp_path / "run" / "status.json").write_text(json.dumps({"status": status}))
+    (tmp_path / "run" / "status.json").write_text(json.dumps(status))
     train, _ = training_record(path, checkpoint.load(path))
-    assert train.get("training_status") == (status if unfinished else None)
+    assert train.get("training_status") == (status["status"] if unfinished else None)
     warning = unfinished_training(train)
-    assert (warning is not None) == unfinished
+    assert (warning is not None) == (unfinished is not None)
     if unfinished:
-        assert "from epoch 2 of 6" in warning and "run that robust-train command again" in warning
+        assert "from epoch 2 of 6" in warning and unfinished in warning
+
+
+def test_status_json_says_when_training_is_over_before_the_evaluation_runs(tmp_path, monkeypatch):
+    import runner.train
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(runner.train, "evaluate", failing_evaluation)
+    cfg = compose(["model=mlp", "model.hidden=[8]", "train.epochs=1", CLEAN_ONLY])
+    with pytest.raises(RuntimeError):
+        runner.train.run(cfg, tmp_path)
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["status"] == "failed" and status["trained"] is True

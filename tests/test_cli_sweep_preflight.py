@@ -28,6 +28,14 @@ def test_a_good_sweep_passes_the_preflight():
     preflight_sweep(["train.epochs=1", "eval=none", "seed=0,1"])
 
 
+def test_only_a_time_stamped_sweep_directory_is_handed_back_to_be_reserved(tmp_path):
+    """outputs/sweeps/<time> is new by construction (the CLI reserves it, `-2` if taken); a directory the
+    command or a config names is where a sweep resumes, and is left as it is."""
+    stamped = preflight_sweep(["train.epochs=1", "eval=none", "seed=0,1"])
+    assert stamped is not None and "outputs/sweeps/" in str(stamped)
+    assert preflight_sweep(["train.epochs=1", "eval=none", "seed=0,1", f"hydra.sweep.dir={tmp_path}/s"]) is None
+
+
 def test_a_bad_value_in_one_job_fails_the_sweep_before_any_job(monkeypatch, tmp_path, capsys):
     code, err = run_cli(monkeypatch, tmp_path, capsys, "-m", "train.epochs=1", "eval=none", "threat.eps=0.05,2")
     lines = err.strip().splitlines()

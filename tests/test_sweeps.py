@@ -85,19 +85,39 @@ def test_sweeping_a_key_left_out_of_run_names_still_gives_each_job_its_own_direc
 def test_sweep_names_without_a_multirun_record_are_run_names(tmp_path):
     from runner.cli import run_name, sweep_name
 
-    assert sweep_name("+method=at,seed=0", str(tmp_path), ["+method=at", "seed=0", "eval=full"]) == run_name(
-        "+method=at,seed=0"
-    )
+    excluded = ["eval"]
+    job = ["+method=at", "seed=0", "eval=full"]
+    assert sweep_name(job, excluded, str(tmp_path)) == run_name(job, excluded) == "method-at+seed-0"
     (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: ['+method=at', 'eval=quick,full']\n")
-    assert sweep_name("+method=at", str(tmp_path), ["+method=at", "eval=full"]) == "method-at+eval-full"
+    assert sweep_name(["+method=at", "eval=full"], excluded, str(tmp_path)) == "method-at+eval-full"
 
 
 def test_evaluation_keys_stay_out_of_run_names_unless_a_sweep_varies_them(tmp_path):
     from runner.cli import run_name, sweep_name
 
-    assert run_name("+method=at,eval.seed=3,++eval.evaluators=[{name:clean}]") == "method-at"
+    evaluators = "++eval.evaluators=[{name:clean},{name:pgd,steps:5}]"  # a value with commas
+    assert run_name(["+method=at", "eval.seed=3", evaluators]) == "method-at"
+    assert run_name(["+method=at", "model.hidden=[64,64]"]) == "method-at+model.hidden-_64+64_"  # as before
     (tmp_path / "multirun.yaml").write_text("hydra:\n  overrides:\n    task: ['+method=at', 'eval.seed=0,1']\n")
-    assert sweep_name("+method=at,eval.seed=1", str(tmp_path), ["+method=at", "eval.seed=1"]) == "method-at+eval.seed-1"
+    assert sweep_name(["+method=at", "eval.seed=1"], [], str(tmp_path)) == "method-at+eval.seed-1"
+
+
+def test_the_run_directory_of_a_command_leaves_out_its_evaluation_keys(compose_cfg):
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    import runner.cli  # noqa: F401 - registers the resolvers
+
+    def run_dir(*overrides):
+        with initialize_config_module(config_module="runner.configs", version_base="1.3"):
+            cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)
+            return cfg.hydra.run.dir
+
+    plain = run_dir("+method=at", "seed=1")
+    assert plain == "outputs/runs/method-at+seed-1"
+    assert run_dir("+method=at", "seed=1", "eval=full", "device=cpu", "eval.seed=4",
+                   "eval.evaluators=[{name:clean},{name:pgd,steps:5}]") == plain
 
 
 @pytest.mark.slow

@@ -113,7 +113,7 @@ def zero_gradient_points(model, x, y, loss: str, batch_size: int) -> torch.Tenso
     return torch.cat(zero).cpu()
 
 
-def gradient_check(robust: dict, zero: torch.Tensor, loss: str) -> dict:
+def stuck_points_check(robust: dict, zero: torch.Tensor, loss: str) -> dict:
     """Every point PGD leaves robust must have given it a gradient to follow (`robust`: key -> mask)."""
     stuck = {key: int((mask & zero).sum()) for key, mask in robust.items()}
     worst = max(stuck, key=stuck.get)
@@ -238,11 +238,13 @@ class PGD(Evaluator):
             # The headline point is "pgd" (compared per point with clean/autoattack/certified); curve
             # points keep their key so the sanity checks can compare neighbouring eps per point.
             result.per_example["pgd" if key == "pgd/acc" else key.removesuffix("/acc")] = correct
-            robust[key] = correct
-        zero = zero_gradient_points(model, x, y, self.loss, ctx.batch_size)
-        result.checks.append(gradient_check(robust, zero, self.loss))
-        for key, mask in robust.items():
-            result.settings[key]["robust_with_zero_gradient"] = int((mask & zero).sum())
+            if eps > 0:  # at eps 0 nothing is attacked: "robust" there is clean accuracy, measured exactly
+                robust[key] = correct
+        if robust:
+            zero = zero_gradient_points(model, x, y, self.loss, ctx.batch_size)
+            result.checks.append(stuck_points_check(robust, zero, self.loss))
+            for key, mask in robust.items():
+                result.settings[key]["robust_with_zero_gradient"] = int((mask & zero).sum())
         return result
 
 

@@ -98,10 +98,11 @@ def robust_below_clean(per_example: dict) -> dict | None:
     robust = {k: v for k, v in per_example.items() if k != "clean"}
     if clean is None or not robust:
         return None
+    from runner.evaluate import prefix_violations
+
     above = {}
     for name, mask in robust.items():
-        n = min(len(mask), len(clean))
-        violations = int((mask[:n].cpu() & ~clean[:n].cpu()).sum())
+        violations, n = prefix_violations(mask, clean)
         if violations:
             above[name] = f"{name}: {violations} of {n}"
     detail = (
