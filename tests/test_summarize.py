@@ -292,7 +292,9 @@ def test_tables_carry_the_settings_behind_every_column(summarize, tmp_path, caps
     assert "last.pt at epochs 2–3 (erm)" in table
     assert "- epochs trained: **differs between runs**: 2 (at); 2–3 (erm)" in table
     tex = (sweep / "summary.tex").read_text()
-    assert "\\toprule" in tex and "\\bottomrule" in tex and "clean/acc (\\%)" in tex
+    assert "\\toprule" in tex and "\\bottomrule" in tex and "Clean (\\%)" in tex and "AutoAttack (\\%)" in tex
+    assert "& PGD (\\%)" in tex  # 50 steps for ERM, 10 for AT: the head does not pick one (comments list both)
+    assert "$\\ell_\\infty$, $\\epsilon = 0.1$ ($= 25.5/255$)" in tex
     assert f"${97.0:.2f} \\pm {100 * statistics.stdev([0.96, 0.98]):.2f}$" in tex
     assert "& $90.00$ &" in tex  # one seed: no ±
 
@@ -360,3 +362,13 @@ def test_a_checkpoint_of_unfinished_training_is_noted(tmp_path):
     _, notes = load_runs(tmp_path)
     assert notes == [f"{tmp_path / 'eval'}: evaluates a checkpoint of an unfinished training run (its status: "
                      "killed, checkpoint epoch 2 of 6)"]
+
+
+def test_tex_column_heads_name_the_attack_a_paper_would():
+    from runner.summary.tables import column_title
+
+    assert column_title("pgd/acc", {"steps": 50, "restarts": 1}) == "PGD-50"
+    assert column_title("pgd/acc", {"steps": 20, "restarts": 5}) == "PGD-20$\\times$5"
+    assert column_title("pgd/eps_0.05/acc", {"steps": 50, "eps": 0.05}) == "PGD-50 ($\\epsilon$=0.05)"
+    assert column_title("certified/ibp/acc", None) == "IBP cert." and column_title("clean/acc", {}) == "Clean"
+    assert column_title("my_metric/acc", None) == "my\\_metric/acc"

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "summary.md").write_text(text)
         write_csv(out / "summary.csv", rows, metrics)
         table_settings = settings_lines(groups, [r["label"] for r in rows], metrics)
-        write_tex(out / "summary.tex", rows, metrics, args.root, table_settings)
+        write_tex(out / "summary.tex", rows, metrics, args.root, table_settings, groups)
         robust_key, omitted = write_tradeoff(out / "tradeoff.png", rows, groups)
         if paired_text is not None:
             (out / "paired.md").write_text(paired_text)

@@ -86,8 +86,49 @@ def in_percent(metric: str) -> bool:
     return last.endswith("acc") or last == "ece"
 
 
-def write_tex(path: Path, rows: list[dict], metrics: list[str], root: Path, settings: list[str]) -> None:
-    """A booktabs table: mean ± std over seeds, accuracies (and ECE) in percent."""
+TITLES = {
+    "clean/acc": "Clean", "autoattack/acc": "AutoAttack", "certified/acc": "Certified",
+    "certified/ibp/acc": "IBP cert.", "certified/crown_ibp/acc": "CROWN-IBP cert.",
+    "certified/crown/acc": "CROWN cert.", "corruption/mean_acc": "Corruptions", "calibration/ece": "ECE",
+    "class/worst_acc": "Worst class", "class/robust_worst_acc": "Worst class (robust)",
+}
+
+
+def column_title(metric: str, settings: dict | None) -> str:
+    """A paper's column head for a metric (TeX): PGD columns name their steps and restarts, curve points
+    their eps; anything else not in TITLES keeps its key."""
+    settings = settings if isinstance(settings, dict) else {}
+    eps = settings.get("eps")
+    if metric == "pgd/acc" or (metric.startswith("pgd/") and isinstance(eps, int | float)):
+        steps, restarts = settings.get("steps"), settings.get("restarts")
+        title = f"PGD-{steps}" if isinstance(steps, int) else "PGD"
+        if isinstance(restarts, int) and restarts > 1:
+            title += f"$\\times${restarts}"
+        return title if metric == "pgd/acc" else f"{title} ($\\epsilon$={eps:g})"
+    return TITLES.get(metric, tex(metric))
+
+
+def threat_caption(groups: dict) -> str:
+    """The threat every run shares, as a caption's first words ('' when runs differ or none is recorded)."""
+    threats = set()
+    for runs in groups.values():
+        for run in runs.values():
+            threat = run["run"].get("threat") or {}
+            threats.add((threat.get("norm"), threat.get("eps")))
+    if len(threats) != 1:
+        return ""
+    norm, eps = next(iter(threats))
+    if not isinstance(eps, int | float) or norm not in ("linf", "l2"):
+        return ""
+    if norm == "l2":
+        return f"$\\ell_2$, $\\epsilon = {eps:g}$. "
+    return f"$\\ell_\\infty$, $\\epsilon = {eps:g}$ ($= {eps * 255:.4g}/255$). "
+
+
+def write_tex(path: Path, rows: list[dict], metrics: list[str], root: Path, settings: list[str],
+              groups: dict | None = None) -> None:
+    """A booktabs table: mean ± std over seeds, accuracies (and ECE) in percent; column heads in words
+    (PGD with its steps), the shared threat in the caption, every setting in the comments below."""
     def tex_cell(metric: str, entry) -> str:
         if entry is None:
             return "--"
@@ -95,12 +136,21 @@ def write_tex(path: Path, rows: list[dict], metrics: list[str], root: Path, sett
         scale, digits = (100, 2) if in_percent(metric) else (1, 4)
         return f"${mean * scale:.{digits}f}$" if n < 2 else f"${mean * scale:.{digits}f} \\pm {std * scale:.{digits}f}$"
 
-    header = " & ".join(tex(m) + (r" (\%)" if in_percent(m) else "") for m in metrics)
+    groups = groups or {}
+
+    def title(metric: str) -> str:
+        """The head the runs' settings give; without the settings when runs differ (the comments say how)."""
+        titles = {column_title(metric, r["eval"].get(metric)) for runs in groups.values() for r in runs.values()
+                  if metric in r["metrics"]}
+        return titles.pop() if len(titles) == 1 else column_title(metric, None)
+
+    header = " & ".join(title(m) + (r" (\%)" if in_percent(m) else "") for m in metrics)
     lines = [
         f"% scripts/summarize.py: {tex(root_name(root))}; needs \\usepackage{{booktabs}}",
         r"\begin{table}[t]",
         r"\centering",
-        f"\\caption{{{tex(root_name(root))}: mean $\\pm$ standard deviation over seeds (n$-$1), in percent.}}",
+        f"\\caption{{{tex(root_name(root))}: {threat_caption(groups)}Mean $\\pm$ standard deviation over seeds "
+        "(n$-$1), in percent.}",
         r"\begin{tabular}{l" + "r" + "c" * len(metrics) + "}",
         r"\toprule",
         f"Method & Seeds & {header} \\\\",
