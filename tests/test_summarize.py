@@ -372,3 +372,18 @@ def test_tex_column_heads_name_the_attack_a_paper_would():
     assert column_title("pgd/eps_0.05/acc", {"steps": 50, "eps": 0.05}) == "PGD-50 ($\\epsilon$=0.05)"
     assert column_title("certified/ibp/acc", None) == "IBP cert." and column_title("clean/acc", {}) == "Clean"
     assert column_title("my_metric/acc", None) == "my\\_metric/acc"
+
+
+def test_labels_name_the_suite_not_its_evaluators_when_suites_differ():
+    from runner.summary.groups import group_runs
+
+    def run(seed, suite, steps):
+        settings = {"method.name": "erm", "eval.name": suite, "eval.evaluators[pgd]": "on",
+                    "eval.evaluators[pgd].steps": steps}
+        return {"run": {"method": "erm", "seed": seed}, "settings": settings, "mtime": seed, "path": f"{suite}{seed}"}
+
+    groups, _, notes = group_runs([run(0, "quick", 50), run(0, "full", 100)])
+    assert sorted(groups) == ["erm eval.name=full", "erm eval.name=quick"]
+    assert "eval.evaluators[pgd].steps" in notes[0]  # the notes still list every key that differs
+    groups, _, _ = group_runs([run(0, "quick", 50), run(0, "quick", 10), run(0, "full", 100)])
+    assert len(groups) == 3 and all("#" not in label for label in groups)  # then the evaluators are named

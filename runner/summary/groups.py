@@ -66,6 +66,14 @@ def suffix(settings: dict, keys: list[str]) -> str:
     return "".join(f" {s}" for s in shown)
 
 
+def label_keys(keys: list[str]) -> list[str]:
+    """The differing keys a label shows: when the suites differ (eval.name), their evaluators' settings
+    follow from the suite's name and stay in the notes, not in every label."""
+    if "eval.name" not in keys:
+        return keys
+    return [k for k in keys if not k.startswith("eval.evaluators")]
+
+
 def group_runs(runs: list[dict]) -> tuple[dict, dict, list[str]]:
     """({label: {seed: run}}, {label: settings}, notes). Runs group when their settings are equal; the label
     names the method and whatever else varies between runs, and the config keys that tell apart groups
@@ -94,11 +102,14 @@ def group_runs(runs: list[dict]) -> tuple[dict, dict, list[str]]:
                 f"{len(sets)} groups of '{base}' runs differ in settings, so each has its own row: "
                 + ", ".join(f"`{k}`" for k in keys)
             )
+        shown = label_keys(keys)
+        if len({suffix(m[0]["settings"], shown) for m in sets}) < len(sets):
+            shown = keys  # the suite's name alone does not tell these groups apart
         for members in sets:
-            label = base + suffix(members[0]["settings"], keys)
+            label = base + suffix(members[0]["settings"], shown)
             n = 2
-            while label in groups:  # cannot happen with the keys above; never pool silently anyway
-                label = f"{base}{suffix(members[0]['settings'], keys)} #{n}"
+            while label in groups:  # the keys shown still tell them apart; never pool silently anyway
+                label = f"{base}{suffix(members[0]['settings'], shown)} #{n}"
                 n += 1
             seeds = groups.setdefault(label, {})
             group_settings[label] = members[0]["settings"]
