@@ -7,6 +7,7 @@ mid-epoch checkpoint (global RNG state + batch index; the loader's order is a fu
 so its first batches are replayed and skipped) and stop; SIGKILL loses at most the epoch in progress.
 """
 
+import json
 import random
 import time
 import warnings
@@ -161,15 +162,22 @@ def run(cfg, run_dir: Path) -> dict:
                else distributed.SilentTracker())
     for warning in resume_warnings:
         tracker.warning(str(warning.message))
-    tracker.status("running")
-    finished_training = {}  # {"trained": True} once training is done: what robust-eval reads in status.json
     # The resolved config, converted once: config.json, every checkpoint and results.json carry it.
     config = OmegaConf.to_container(cfg, resolve=True)
+    done = completed_results(run_dir, config, resume_state)  # read before status.json says "running"
+    tracker.status("running")
+    finished_training = {}  # {"trained": True} once training is done: what robust-eval reads in status.json
     if procs.is_main:
         write_json(run_dir / "config.json", config)
     stop = StopRequests()
     exit_code = 1
     try:
+        if done is not None:  # e.g. a sweep run again to finish its other jobs: hours of AutoAttack saved
+            tracker.info(f"already complete: {run_dir / 'results.json'} holds this command's training and "
+                         "evaluation (move it away, or add resume=never to retrain, to run them again)")
+            tracker.status("completed", trained=True)
+            exit_code = 0
+            return done
         splits = load_splits(cfg.dataset, cfg.seed)
         model = build_model(cfg.model, splits.info).to(device)
         if cfg.train.channels_last:
@@ -375,6 +383,36 @@ def run(cfg, run_dir: Path) -> dict:
         distributed.teardown(procs, finished=exit_code == 0)
         if exit_code:  # a SLURM job stopped before its time limit (SIGUSR1): submitit requeues it
             distributed.requeue_if_submitit(stop.signum)
+
+
+# Keys that change no number: a rerun that differs only in them is the same run.
+NOT_AFFECTING_RESULTS = ("resume", "logger", "train.progress", "train.log_every")
+
+
+def completed_results(run_dir: Path, config: dict, resume_state: dict | None) -> dict | None:
+    """The run directory's results when they are this very command's, trained to the end and evaluated
+    (status completed, results.json of the same resolved config, last.pt the final one); else None."""
+    if resume_state is None or resume_state.get("batch"):
+        return None
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+        results = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(status, dict) or status.get("status") != "completed" or not isinstance(results, dict):
+        return None
+
+    def comparable(settings) -> str:
+        settings = json.loads(json.dumps(settings, default=str))
+        for key in NOT_AFFECTING_RESULTS:
+            section, _, name = key.rpartition(".")
+            (settings.get(section, {}) if section else settings).pop(name, None)
+        return json.dumps(settings, sort_keys=True)
+
+    trained = results.get("train") or {}
+    end = (resume_state.get("epoch"), resume_state.get("step"))
+    same_end = end == (trained.get("epochs_trained"), trained.get("steps"))
+    return results if same_end and comparable(results.get("config")) == comparable(config) else None
 
 
 def evaluated_checkpoint(setting: str, method) -> str:

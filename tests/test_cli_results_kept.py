@@ -23,3 +23,17 @@ def test_earlier_results_report_and_plots_are_kept(tmp_path):
 def test_nothing_to_keep_on_a_first_evaluation(tmp_path):
     assert keep_earlier_results(tmp_path) is None
     assert not (tmp_path / "earlier").exists()
+
+
+def test_the_same_finished_command_again_is_complete_and_another_suite_evaluates_again(tmp_path):
+    import runner.train
+    from runner.config import compose
+
+    base = ["model=mlp", "model.hidden=[8]", "train.epochs=1", "eval.evaluators=[{name: clean}]"]
+    first = runner.train.run(compose(base), tmp_path)
+    again = runner.train.run(compose([*base, "train.log_every=7"]), tmp_path)  # changes no number
+    assert again == first and not (tmp_path / "earlier").exists()
+    assert "already complete" in (tmp_path / "train.log").read_text()
+    other = runner.train.run(compose([*base[:-1], "eval.evaluators=[{name: clean}, {name: pgd, steps: 2}]"]),
+                             tmp_path)
+    assert "pgd/acc" in other["metrics"] and len(list((tmp_path / "earlier").iterdir())) == 1
