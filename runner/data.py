@@ -6,6 +6,7 @@ are fixed by a constant seed, never by the training seed, so every run is scored
 """
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,12 @@ def _missing_message(cfg, root: Path, reason: str) -> str:
 LOADERS = {"digits": _digits, "synthetic": _synthetic}
 
 
-SUBSET_SEED_OFFSET = 1_000_003  # the training subset's generator differs from label noise's (same seed)
+def stream_seed(seed: int, stream: str) -> int:
+    """A run's seed for one of its random streams ("label_noise", "train_subset"), drawn from a hash so that
+    no stream replays another's numbers: the loader orders epoch e from seed·1_000_003 + e, and a label-noise
+    generator seeded with the bare seed put every flipped label at the front of seed 0's first epoch."""
+    digest = hashlib.sha256(f"{stream}:{seed}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: a valid torch seed
 
 
 def load_splits(cfg, seed: int = 0) -> Splits:
@@ -182,7 +188,7 @@ def load_splits(cfg, seed: int = 0) -> Splits:
     train, val = (x[kept], y[kept]), (x[cut], y[cut])
     if cfg.train_fraction < 1:
         size = max(1, round(cfg.train_fraction * len(train[1])))
-        generator = torch.Generator().manual_seed(seed + SUBSET_SEED_OFFSET)
+        generator = torch.Generator().manual_seed(stream_seed(seed, "train_subset"))
         chosen = torch.randperm(len(train[1]), generator=generator)[:size].sort().values
         train = (train[0][chosen], train[1][chosen])
     flipped = None
@@ -190,8 +196,8 @@ def load_splits(cfg, seed: int = 0) -> Splits:
         from runner.label_noise import corrupt_labels
 
         info = dataset_info(cfg)
-        noisy, flipped = corrupt_labels(train[1], cfg.label_noise, cfg.label_noise_kind, info.num_classes, seed,
-                                        cfg.name)
+        noisy, flipped = corrupt_labels(train[1], cfg.label_noise, cfg.label_noise_kind, info.num_classes,
+                                        stream_seed(seed, "label_noise"), cfg.name)
         train = (train[0], noisy)
     return Splits(train, val, test, dataset_info(cfg), flipped)
 

@@ -37,9 +37,9 @@ KNOWN_ERRORS = (ValueError, DatasetUnavailable, CheckpointError, OSError, NonFin
 # Where torchvision looks for each dataset's files under dataset.data_dir.
 DATASET_FILES = {
     "mnist": "MNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-             "t10k-labels-idx1-ubyte, or the same names .gz)",
+             "t10k-labels-idx1-ubyte, uncompressed: gunzip the .gz downloads)",
     "fashion_mnist": "FashionMNIST/raw/ (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, or the same names .gz)",
+                     "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, uncompressed: gunzip the .gz downloads)",
     "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)",
     "cifar100": "cifar-100-python/ (train, test, meta)",
     "svhn": "train_32x32.mat and test_32x32.mat",

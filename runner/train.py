@@ -350,8 +350,11 @@ def run(cfg, run_dir: Path) -> dict:
         keep_earlier_results(run_dir, tracker.info)  # a rerun with another eval suite loses nothing
         tracker.info(f"evaluating {source} with suite '{cfg.eval.name}'")
         # Everything but the metrics first: the report's header (written with the metrics) names them all.
+        run_info = run_summary(cfg)
+        if splits.flipped is not None:  # how many labels the noise really changed (patrini maps only some classes)
+            run_info["label_noise"]["flipped"] = int(splits.flipped.sum())
         info = {
-            "run": run_summary(cfg),
+            "run": run_info,
             "train": {"epochs": epochs, "epochs_trained": trained_epochs, "wall_time_s": round(train_time, 3),
                       "steps": step, "checkpoint": which, "checkpoint_epoch": evaluated_epoch,
                       "steps_per_epoch": steps_per_epoch, "nonfinite_skipped": skipped,

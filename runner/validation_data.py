@@ -74,6 +74,9 @@ def check_split_sizes(d) -> None:
         labels = load_digits().target
     elif d.name in TRAIN_SIZES:
         k = INFO[d.name].num_classes
+        if d.test_size:
+            fail("dataset.test_size", d.test_size, f"applies to digits and synthetic only: {d.name} has an official "
+                  "test split (evaluate on fewer of its points with eval.n_examples)")
         if d.val_size:
             _split_sizes_fail("dataset.val_size", d.val_size, TRAIN_SIZES[d.name], k,
                               f"the training set of {d.name}")
@@ -81,6 +84,9 @@ def check_split_sizes(d) -> None:
     else:
         return
     k = dataset_info(d).num_classes if d.name != "synthetic" else d.num_classes
+    if d.test_size < k:  # 0 too: every evaluation runs on the test split
+        fail("dataset.test_size", d.test_size, f"{d.name} has no official test split: it needs a stratified one "
+              f"of at least one image per class (>= {k})")
     if d.test_size:
         _split_sizes_fail("dataset.test_size", d.test_size, len(labels), k, f"dataset {d.name}")
         from sklearn.model_selection import train_test_split

@@ -101,6 +101,8 @@ def test_typos_and_wrong_types_fail_naming_the_key(compose_cfg, overrides, named
         (["+method=crown_ibp", "method.val_batch_size=-5"], "method.val_batch_size"),
         (["+method=hr", "method.r=inf"], "method.r"),  # a limit, not a setting: failed at the first step
         (["dataset.test_size=5000"], "dataset.test_size"),
+        (["dataset.test_size=0"], "dataset.test_size"),  # trained, then failed at evaluation
+        (["dataset=cifar10", "dataset.test_size=20"], "dataset.test_size"),  # was silently ignored
         (["dataset=synthetic", "dataset.n_samples=5"], "dataset.n_samples"),
         (["dataset=synthetic", "dataset.n_samples=100"], "dataset.test_size"),
         (["dataset=synthetic", "dataset.image_size=2", "model=cnn_small"], "dataset.image_size"),

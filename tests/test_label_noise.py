@@ -145,3 +145,21 @@ def test_patrini_is_checked_against_the_dataset_before_the_run(compose_cfg, tmp_
     with pytest.raises(ConfigError, match="dataset.label_noise_kind"):
         run(compose_cfg("dataset=synthetic", "dataset.label_noise=0.4", "dataset.label_noise_kind=patrini"),
             tmp_path)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flipped_labels_are_spread_over_the_first_epoch(seed):
+    """The noise and the loader's epoch order draw from different streams: at seed 0 they once drew the same
+    permutation, and epoch 0 began with every flipped label (its first two batches were all noise)."""
+    from runner.config import compose
+    from runner.data import InMemoryLoader, load_splits
+
+    cfg = compose(["dataset.label_noise=0.2"])
+    splits = load_splits(cfg.dataset, seed)
+    n = len(splits.train[1])
+    index = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)  # the loader serves indices as images
+    loader = InMemoryLoader(index, splits.train[1], 128, torch.device("cpu"), seed=seed)
+    loader.set_epoch(0)
+    first = torch.cat([xb.flatten().long() for xb, _ in list(loader)[:2]])
+    share = splits.flipped[first].float().mean().item()
+    assert abs(share - 0.2) < 0.1, share

@@ -298,6 +298,7 @@ def test_cpu_smoke_run(compose_cfg, tmp_path, overrides, monkeypatch):
     clean = load_splits(compose_cfg("dataset.label_noise=0").dataset, cfg.seed)
     changed = seen["train"] != clean.train[1]
     assert changed.sum().item() == round(fraction * len(changed))  # 386 of 1,287 trained on a wrong label
+    assert noise.get("flipped", 0) == changed.sum().item()  # results.json says how many
     assert len(seen["val"]) == 2 and all(torch.equal(y, clean.val[1]) for y in seen["val"])
     assert torch.equal(seen["test"], clean.test[1])
 
