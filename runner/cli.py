@@ -244,7 +244,23 @@ def _single_run_task() -> bool:
     return _report_in_task and HydraConfig.get().mode == RunMode.RUN
 
 
+class SweepStopped(BaseException):
+    """A stop signal in a job of an in-process sweep: the jobs after it must not start (Hydra's basic
+    launcher records an Exception as a failed job and goes on; a BaseException ends the sweep)."""
+
+    def __init__(self, interrupted):
+        super().__init__(str(interrupted))
+        self.interrupted = interrupted
+
+
+def _in_process_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    return "BasicLauncher" in str(HydraConfig.get().launcher.get("_target_", ""))
+
+
 def _train(cfg) -> None:
+    from runner.errors import RunInterrupted
     from runner.train import run
 
     try:
@@ -252,6 +268,8 @@ def _train(cfg) -> None:
     except Exception as err:
         if _single_run_task():
             _exit_for(err, "robust-train")
+        if isinstance(err, RunInterrupted) and _in_process_sweep():
+            raise SweepStopped(err) from None
         raise  # a sweep job: Hydra records it and says which job failed
 
 
@@ -334,6 +352,10 @@ def _exit_for(err: BaseException, command: str) -> None:
         again = RESUME_HINT if command == "robust-train" else NOT_RESUMABLE
         print(f"{command}: interrupted (Ctrl-C); {again}", file=sys.stderr)
         sys.exit(130)
+    if isinstance(err, SweepStopped):
+        print(f"{command}: {err.interrupted}; the sweep stops here (its later jobs were not started): run the "
+              "same command with its hydra.sweep.dir to resume", file=sys.stderr)
+        sys.exit(128 + err.interrupted.signum)
     if isinstance(err, RunInterrupted):
         print(f"{command}: {err}", file=sys.stderr)
         sys.exit(128 + err.signum)

@@ -114,6 +114,25 @@ def average_buffers(model: nn.Module, procs: Processes) -> None:
             buffer.div_(procs.world_size)
 
 
+def shared_signal(signum: int | None, procs: Processes) -> int | None:
+    """A stop signal any process received (the largest number if several), the same on every process."""
+    if not procs.enabled:
+        return signum
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    shared = torch.tensor([float(signum or 0)], device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return int(shared.item()) or None
+
+
+def gather_objects(value, procs: Processes) -> list:
+    """Every process's `value`, in rank order (one element outside a process group)."""
+    if not procs.enabled:
+        return [value]
+    values = [None] * procs.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
 def agree(flag: bool, procs: Processes) -> bool:
     """Rank 0's `flag` on every process (a decision only rank 0 measured, such as stopping early)."""
     if not procs.enabled:
@@ -167,8 +186,12 @@ class ShardedMethod:
         shared[1] = (~torch.isfinite(loss.detach())).float()
         dist.all_reduce(shared, op=dist.ReduceOp.SUM)
         n_global, nonfinite, stopped, signum_sum = shared.tolist()
-        if stopped and self.stop is not None and self.stop.signum is None:
-            self.stop.signum = round(signum_sum / stopped)  # stop with the others, at this step's end
+        if self.stop is not None:
+            # The step's stop decision is this shared one: a signal arriving after the all-reduce waits for
+            # the next step's, so no process ever stops a step before the others.
+            self.stop.agreed = stopped > 0
+            if stopped and self.stop.signum is None:
+                self.stop.signum = round(signum_sum / stopped)
         if nonfinite:
             return loss.detach() * float("nan"), logs
         return loss * (self.procs.world_size * len(y) / n_global), logs

@@ -283,6 +283,7 @@ class StopRequests:
         import threading
 
         self.signum = None
+        self.agreed = False  # several processes: the stop all of them decided at the last step (ShardedMethod)
         self.hint = hint
         self.immediate = immediate
         self._deferring = False

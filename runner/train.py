@@ -103,6 +103,13 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rng_of_process(state: dict, procs) -> dict:
+    """This process's RNG state in a mid-epoch checkpoint (each process has its own attack noise); a
+    checkpoint of another number of processes, or an older one, has rank 0's only."""
+    per_rank = state.get("rng_per_rank") or []
+    return per_rank[procs.rank] if len(per_rank) == procs.world_size else state["rng"]
+
+
 # Keys that do not change what is trained: a resumed run may differ in these without a warning.
 RESUME_IGNORED = ("resume", "device", "eval", "logger", "train.log_every", "train.progress", "ckpt")
 
@@ -251,7 +258,7 @@ def run(cfg, run_dir: Path) -> dict:
         for epoch in range(start_epoch, last_epoch):
             skip = resume_batch if epoch == start_epoch else 0
             if skip:
-                restore_rng(resume_state["rng"])  # mid-epoch checkpoint: the RNG where it stopped
+                restore_rng(rng_of_process(resume_state, procs))  # mid-epoch checkpoint: where it stopped
             else:
                 torch.manual_seed(epoch_seed(cfg.seed, epoch) + procs.rank)  # each rank its own attack noise
             loader.set_epoch(epoch)
@@ -278,11 +285,15 @@ def run(cfg, run_dir: Path) -> dict:
                     step += 1
                     tracker.step(step, {**logs, "nonfinite_skipped": skipped} if skipped else logs, epoch + 1,
                                  optimizer.param_groups[0]["lr"])  # epochs numbered from 1, as the epoch rows
-                    if stop.requested:
+                    if stop.agreed if procs.enabled else stop.requested:
                         elapsed = train_time + time.perf_counter() - epoch_start
+                        # Mid-epoch, every process's RNG (its own attack noise) and the mean BatchNorm
+                        # statistics go into last.pt, so the resumed processes continue exactly.
+                        distributed.average_buffers(model, procs)
+                        generators = distributed.gather_objects(rng_state(), procs)
                         if procs.is_main:
-                            checkpoint.save(training_state(epoch, batch + 1, elapsed), ckpt_dir / "last.pt",
-                                            keep_previous=True)
+                            checkpoint.save({**training_state(epoch, batch + 1, elapsed), "rng_per_rank": generators},
+                                            ckpt_dir / "last.pt", keep_previous=True)
                         where = f"in epoch {epoch + 1} after batch {batch + 1} (step {step}), checkpointed"
                         raise stop.interrupted(where)
                 train_time += time.perf_counter() - epoch_start
@@ -315,11 +326,16 @@ def run(cfg, run_dir: Path) -> dict:
                         + (f" with epoch {c['restored_epoch']}'s model" if c.get("restored_epoch") is not None else "")
                     )
                     break
+                stop.signum = distributed.shared_signal(stop.signum, procs)  # one decision for all processes
                 if stop.requested:
                     raise stop.interrupted(f"after epoch {epoch + 1} (step {step}), checkpointed")
         tracker.stop_progress()
+        stop.signum = distributed.shared_signal(stop.signum, procs)
         if stop.requested:
             raise stop.interrupted(f"after training (step {step}), checkpointed")
+        # Every process leaves the group here: rank 0's evaluation uses no collective, and the others must
+        # not wait for it in a barrier whose timeout (10-30 min) an AutoAttack evaluation outlasts.
+        distributed.teardown(procs, finished=True)
         stop.immediate = "during the evaluation (training is complete and checkpointed)"
         finished_training = {"trained": True}
         tracker.status("running", **finished_training)

@@ -67,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "sweep.command").write_text(shown + "\n")
     (sweep_dir / "sweep.exit").unlink(missing_ok=True)
-    # The shell records the exit status, so "finished" is a file anyone can wait for.
-    script = f"{shown}; echo $? > {shlex.quote(str(sweep_dir / 'sweep.exit'))}"
+    # The shell records the exit status, so "finished" is a file anyone can wait for; its trap outlives the
+    # `kill -TERM -<pid>` that stops the sweep (the runs checkpoint and exit 143), so the status is written.
+    script = f"trap true TERM INT; {shown}; echo $? > {shlex.quote(str(sweep_dir / 'sweep.exit'))}"
     with open(sweep_dir / "sweep.log", "ab") as log:
         process = subprocess.Popen(["/bin/sh", "-c", script], stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True, env=os.environ.copy())

@@ -57,3 +57,18 @@ def test_a_sweep_failing_at_composition_keeps_the_old_multirun_yaml(monkeypatch,
 def test_an_empty_sweep_dir_is_rejected(monkeypatch, tmp_path, capsys):
     code, err = run_cli(monkeypatch, tmp_path, capsys, "-m", "hydra.sweep.dir=", "seed=0,1")
     assert code == 1 and "hydra.sweep.dir" in err, err
+
+
+def test_a_stop_signal_ends_the_whole_in_process_sweep(monkeypatch, tmp_path, capsys, wrap_method_loss,
+                                                        signal_on_call):
+    """SIGTERM in job 1 of 3: that job checkpoints, and jobs 2 and 3 never start (Hydra's basic launcher
+    would have recorded the first as failed and run the others)."""
+    import signal
+
+    wrap_method_loss(monkeypatch, signal_on_call(3, signal.SIGTERM))
+    code, err = run_cli(monkeypatch, tmp_path, capsys, "-m", "model=mlp", "model.hidden=[8]", "train.epochs=2",
+                        "eval=none", "seed=0,1,2", f"hydra.sweep.dir={tmp_path}/sweep")
+    assert code == 128 + signal.SIGTERM and "the sweep stops here" in err
+    jobs = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir()]
+    assert len(jobs) == 1 and "seed-0" in jobs[0].name
+    assert (jobs[0] / "checkpoints" / "last.pt").exists()

@@ -155,7 +155,11 @@ def _two_rank_worker(rank, port, out_dir):
         got = [model[0].weight.grad, model[3].weight.grad]
         for g, r in zip(got, reference):
             torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
-        assert stop.signum == signal.SIGUSR1  # rank 0 now stops with rank 1
+        assert stop.signum == signal.SIGUSR1 and stop.agreed  # rank 0 now stops with rank 1, at the same step
+        # Outside a step (the end of an epoch) the decision is shared too, and so is what a checkpoint needs.
+        assert distributed.shared_signal(signal.SIGTERM if rank == 1 else None, procs) == signal.SIGTERM
+        assert distributed.shared_signal(None, procs) is None
+        assert distributed.gather_objects({"rank": rank}, procs) == [{"rank": 0}, {"rank": 1}]
 
         nan_method = distributed.shard_method(_MeanCE(nan_on_rank=1), procs)
         nan_loss, _ = nan_method.loss(ddp, x[share], y[share], None)
@@ -212,6 +216,45 @@ def _hr_two_rank_worker(rank, port, out_dir, cfg):
         Path(out_dir, f"rank{rank}.ok").write_text("ok")
     finally:
         distributed.teardown(procs)
+
+
+def _ibp_two_rank_worker(rank, port, out_dir, cfg):
+    """Shi's robust-only IBP loss on a network without BatchNorm needs no clean pass, yet under DDP it is the
+    wrapper's forward that arms the gradient all-reduce: the two ranks must give the global gradient."""
+    from runner.layers import Normalize
+    from runner.methods import build_method
+    from runner.methods.base import StepContext
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(Normalize([0.5], [0.3]), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x, y = torch.rand(10, 1, 4, 4), torch.randint(0, 3, (10,))
+    share = slice(0, 5) if rank == 0 else slice(5, 10)
+    ctx = StepContext(50, 5000, 100, 10_000, "linf", 0.1)  # after the ramp: kappa 0, robust loss only
+    ibp = build_method(cfg)
+    loss, logs = ibp.loss(model, x, y, ctx)
+    assert logs["kappa"] == 0
+    reference = torch.autograd.grad(loss, model[2].weight)[0]
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    procs, device = distributed.setup(torch.device("cpu"))
+    try:
+        ddp = distributed.wrap_model(model, procs, device)
+        loss, _ = distributed.shard_method(ibp, procs).loss(ddp, x[share], y[share], ctx)
+        loss.backward()
+        torch.testing.assert_close(model[2].weight.grad, reference, rtol=1e-5, atol=1e-7)
+        Path(out_dir, f"rank{rank}.ok").write_text("ok")
+    finally:
+        distributed.teardown(procs)
+
+
+def test_robust_only_ibp_averages_gradients_across_ranks(tmp_path):
+    from runner.config import compose
+
+    cfg = compose(["+method=ibp", "method.kappa=shi", "method.warmup_epochs=0", "method.ramp_epochs=1",
+                   "method.reg_lambda=0", "method.ibp_init=false", "model.batch_norm=false"])
+    mp.start_processes(_ibp_two_rank_worker, args=(_free_port(), str(tmp_path), cfg), nprocs=2, start_method="fork")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.ok", "rank1.ok"]
 
 
 def test_hr_weights_are_computed_on_the_global_batch_across_ranks(tmp_path):

@@ -186,8 +186,10 @@ class IBP(Method):
         loss, bn_stats = x.new_zeros(()), {}
         # The clean pass serves the clean CE (kappa > 0) and BatchNorm's batch statistics, which the bounds
         # normalise with. With neither (Shi's robust-only loss on a network without BatchNorm) it would
-        # only be logged: a third of a plain step, skipped.
-        if kappa > 0 or bounds.uses_batch_statistics(model):
+        # only be logged: a third of a plain step, skipped; except under several processes, where it is
+        # DDP's forward that arms the gradient all-reduce (the bounds walk the unwrapped network).
+        several = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if kappa > 0 or bounds.uses_batch_statistics(model) or several:
             logits, bn_stats = bounds.forward_with_bn_stats(model, x)
             clean_loss = F.cross_entropy(logits, y)
             logs["clean_loss"] = clean_loss.detach()
