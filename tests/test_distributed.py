@@ -325,3 +325,59 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert results["train"]["steps"] == json.loads((single / "results.json").read_text())["train"]["steps"]
     log = (ddp / "train.log").read_text()
     assert log.count("at on digits") == 1  # only rank 0 writes
+
+
+# A robust-train whose rank 1 alone sends itself SIGTERM right after its 30th step, after that step's
+# all-reduce: the other rank must stop at the same step boundary (the next one), the checkpoint must hold
+# every rank's RNG, and the resumed run must end exactly where an uninterrupted one does.
+ONE_RANK_STOPS = """
+import os, signal, sys
+import runner.train
+build = runner.train.build_update
+def build_signalling(*args, **kwargs):
+    update, calls = build(*args, **kwargs), [0]
+    def signalling(*step_args, **step_kwargs):
+        logs = update(*step_args, **step_kwargs)
+        calls[0] += 1
+        if calls[0] == 30 and os.environ.get("RANK") == "1" and os.environ.get("STOP_RANK_1"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return logs
+    signalling.state_dict, signalling.load_state_dict = update.state_dict, update.load_state_dict
+    signalling.schedule_warnings = update.schedule_warnings
+    return signalling
+runner.train.build_update = build_signalling
+sys.argv[0] = "robust-train"
+from runner.cli import train_main
+train_main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+def test_torchrun_run_stopped_on_one_rank_resumes_exactly(tmp_path):
+    script = tmp_path / "robust_train_stop_rank_1.py"
+    script.write_text(ONE_RANK_STOPS)
+    # Random attack starts: each rank's RNG matters mid-epoch; BatchNorm: each rank's running statistics.
+    overrides = ["+method=at", "method.attack.steps=2", "model=mlp", "model.hidden=[16]", "train.epochs=2",
+                 "eval=none", "device=cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+
+    def torchrun(run_dir, stop: bool) -> int:
+        done = subprocess.run(
+            [str(BIN / "torchrun"), "--nproc_per_node=2", "--no-python", sys.executable, str(script), *overrides,
+             f"hydra.run.dir={run_dir}"],
+            cwd=tmp_path, env={**env, **({"STOP_RANK_1": "1"} if stop else {})}, capture_output=True, text=True,
+            timeout=300)
+        return done.returncode
+
+    assert torchrun(tmp_path / "whole", stop=False) == 0
+    assert torchrun(tmp_path / "stopped", stop=True) != 0
+    status = json.loads((tmp_path / "stopped" / "status.json").read_text())
+    assert status["status"] == "interrupted" and "in epoch 2 after batch 10" in status["error"], status
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=False)
+    assert len(state["rng_per_rank"]) == 2
+    assert torchrun(tmp_path / "stopped", stop=False) == 0  # resumed
+    a = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
