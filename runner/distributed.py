@@ -13,6 +13,7 @@ BatchNorm normalises with each process's own share (as DDP always does); the run
 averaged across processes before every validation and checkpoint, so rank 0 saves the mean.
 """
 
+import datetime
 import os
 import signal
 from dataclasses import dataclass
@@ -74,12 +75,30 @@ def setup(device: torch.device) -> tuple[Processes, torch.device]:
     return procs, device
 
 
-def teardown(procs: Processes, finished: bool = True) -> None:
-    """Leave the process group. After a normal finish every rank waits for the others first: a rank that
-    destroys its gloo group while rank 0 is still evaluating aborts the whole job (SIGABRT)."""
+_final_group = None  # after training: the group whose barrier waits for rank 0's evaluation
+
+
+def after_training(procs: Processes) -> None:
+    """Called by every process when training is over. Rank 0 then evaluates alone (no collective) while the
+    others wait for it in `teardown`, on a group of their own: the default group's timeout (30 min on gloo,
+    10 on NCCL) is shorter than an AutoAttack evaluation, and a rank that left early can abort on exit
+    (gloo's threads), which makes torchrun stop rank 0 mid-evaluation."""
+    global _final_group
     if procs.enabled and dist.is_initialized():
-        if finished:
+        _final_group = dist.new_group(timeout=datetime.timedelta(days=7))
+
+
+def teardown(procs: Processes, finished: bool = True) -> None:
+    """Leave the process group. After a normal finish every rank waits for the others first (after
+    training, for rank 0's evaluation whatever its outcome): a rank that destroys its gloo group while
+    rank 0 is still working aborts the whole job (SIGABRT)."""
+    global _final_group
+    if procs.enabled and dist.is_initialized():
+        if _final_group is not None:
+            dist.barrier(group=_final_group)
+        elif finished:
             dist.barrier()
+        _final_group = None
         dist.destroy_process_group()
 
 

@@ -171,7 +171,9 @@ def run(cfg, run_dir: Path) -> dict:
         tracker.warning(str(warning.message))
     # The resolved config, converted once: config.json, every checkpoint and results.json carry it.
     config = OmegaConf.to_container(cfg, resolve=True)
-    done = completed_results(run_dir, config, resume_state)  # read before status.json says "running"
+    # Rank 0 reads the run directory before its status.json says "running"; every process follows its verdict.
+    done = completed_results(run_dir, config, resume_state) if procs.is_main and cfg.resume == "auto" else None
+    complete = distributed.agree(done is not None, procs)
     tracker.status("running")
     finished_training = {}  # {"trained": True} once training is done: what robust-eval reads in status.json
     if procs.is_main:
@@ -179,12 +181,13 @@ def run(cfg, run_dir: Path) -> dict:
     stop = StopRequests()
     exit_code = 1
     try:
-        if done is not None:  # e.g. a sweep run again to finish its other jobs: hours of AutoAttack saved
+        if complete:  # e.g. a sweep run again to finish its other jobs: hours of AutoAttack saved
             tracker.info(f"already complete: {run_dir / 'results.json'} holds this command's training and "
-                         "evaluation (move it away, or add resume=never to retrain, to run them again)")
+                         "evaluation (move it away, or add resume=never to retrain, to run them again; "
+                         f"robust-eval ckpt={run_dir} evaluates the trained model again)")
             tracker.status("completed", trained=True)
             exit_code = 0
-            return done
+            return done or {}
         splits = load_splits(cfg.dataset, cfg.seed)
         model = build_model(cfg.model, splits.info).to(device)
         if cfg.train.channels_last:
@@ -326,16 +329,16 @@ def run(cfg, run_dir: Path) -> dict:
                         + (f" with epoch {c['restored_epoch']}'s model" if c.get("restored_epoch") is not None else "")
                     )
                     break
-                stop.signum = distributed.shared_signal(stop.signum, procs)  # one decision for all processes
-                if stop.requested:
+                shared = distributed.shared_signal(stop.signum, procs)  # one decision for all processes
+                if shared:  # (a signal that came during this all-reduce stays pending for the next step's)
+                    stop.signum = stop.signum or shared
                     raise stop.interrupted(f"after epoch {epoch + 1} (step {step}), checkpointed")
         tracker.stop_progress()
-        stop.signum = distributed.shared_signal(stop.signum, procs)
-        if stop.requested:
+        shared = distributed.shared_signal(stop.signum, procs)
+        if shared:
+            stop.signum = stop.signum or shared
             raise stop.interrupted(f"after training (step {step}), checkpointed")
-        # Every process leaves the group here: rank 0's evaluation uses no collective, and the others must
-        # not wait for it in a barrier whose timeout (10-30 min) an AutoAttack evaluation outlasts.
-        distributed.teardown(procs, finished=True)
+        distributed.after_training(procs)  # the others then wait for rank 0's evaluation, however long
         stop.immediate = "during the evaluation (training is complete and checkpointed)"
         finished_training = {"trained": True}
         tracker.status("running", **finished_training)
@@ -419,6 +422,8 @@ def completed_results(run_dir: Path, config: dict, resume_state: dict | None) ->
     except (OSError, ValueError):
         return None
     if not isinstance(status, dict) or status.get("status") != "completed" or not isinstance(results, dict):
+        return None
+    if not isinstance(results.get("config"), dict):  # written before results.json carried the config
         return None
 
     def comparable(settings) -> str:

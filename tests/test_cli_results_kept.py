@@ -37,3 +37,13 @@ def test_the_same_finished_command_again_is_complete_and_another_suite_evaluates
     other = runner.train.run(compose([*base[:-1], "eval.evaluators=[{name: clean}, {name: pgd, steps: 2}]"]),
                              tmp_path)
     assert "pgd/acc" in other["metrics"] and len(list((tmp_path / "earlier").iterdir())) == 1
+
+
+def test_results_written_before_they_carried_the_config_are_evaluated_again(tmp_path):
+    import json
+
+    from runner.train import completed_results
+
+    (tmp_path / "status.json").write_text(json.dumps({"status": "completed"}))
+    (tmp_path / "results.json").write_text(json.dumps({"train": {"epochs_trained": 1, "steps": 5}}))
+    assert completed_results(tmp_path, {"seed": 0}, {"epoch": 1, "step": 5, "batch": 0}) is None

@@ -370,6 +370,7 @@ def test_tex_column_heads_name_the_attack_a_paper_would():
     assert column_title("pgd/acc", {"steps": 50, "restarts": 1}) == "PGD-50"
     assert column_title("pgd/acc", {"steps": 20, "restarts": 5}) == "PGD-20$\\times$5"
     assert column_title("pgd/eps_0.05/acc", {"steps": 50, "eps": 0.05}) == "PGD-50 ($\\epsilon$=0.05)"
+    assert column_title("pgd/l2/eps_0.5/acc", {"steps": 50, "eps": 0.5}) == "PGD-50 ($\\ell_2$, $\\epsilon$=0.5)"
     assert column_title("certified/ibp/acc", None) == "IBP cert." and column_title("clean/acc", {}) == "Clean"
     assert column_title("my_metric/acc", None) == "my\\_metric/acc"
 
@@ -387,3 +388,12 @@ def test_labels_name_the_suite_not_its_evaluators_when_suites_differ():
     assert "eval.evaluators[pgd].steps" in notes[0]  # the notes still list every key that differs
     groups, _, _ = group_runs([run(0, "quick", 50), run(0, "quick", 10), run(0, "full", 100)])
     assert len(groups) == 3 and all("#" not in label for label in groups)  # then the evaluators are named
+
+
+def test_the_caption_names_the_threat_the_numbers_were_measured_at(summarize, tmp_path):
+    path = write_run(tmp_path, "eval", "at", 0, {"clean/acc": 0.9, "pgd/acc": 0.7})  # trained at 0.1
+    results = json.loads(path.read_text())
+    results["eval_threat"] = {"norm": "linf", "eps": 0.05}  # robust-eval ... threat.eps=0.05
+    path.write_text(json.dumps(results))
+    assert summarize.main([str(tmp_path)]) == 0
+    assert "$\\epsilon = 0.05$" in (tmp_path / "summary.tex").read_text()

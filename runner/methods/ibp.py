@@ -188,7 +188,8 @@ class IBP(Method):
         # normalise with. With neither (Shi's robust-only loss on a network without BatchNorm) it would
         # only be logged: a third of a plain step, skipped; except under several processes, where it is
         # DDP's forward that arms the gradient all-reduce (the bounds walk the unwrapped network).
-        several = torch.distributed.is_available() and torch.distributed.is_initialized()
+        several = torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1)
         if kappa > 0 or bounds.uses_batch_statistics(model) or several:
             logits, bn_stats = bounds.forward_with_bn_stats(model, x)
             clean_loss = F.cross_entropy(logits, y)

@@ -153,6 +153,7 @@ def load_runs(root: Path) -> tuple[list[dict], list[str]]:
             "path": path, "run": run, "metrics": metrics if isinstance(metrics, dict) else {},
             "eval": results["eval"] if isinstance(results.get("eval"), dict) else {},
             "train": train,
+            "eval_threat": results["eval_threat"] if isinstance(results.get("eval_threat"), dict) else None,
             "settings": settings, "from_config": from_config, "mtime": path.stat().st_mtime,
         })
     return runs, notes

@@ -94,6 +94,9 @@ TITLES = {
 }
 
 
+NORM_TEX = {"linf": "$\\ell_\\infty$", "l2": "$\\ell_2$"}
+
+
 def column_title(metric: str, settings: dict | None) -> str:
     """A paper's column head for a metric (TeX): PGD columns name their steps and restarts, curve points
     their eps; anything else not in TITLES keeps its key."""
@@ -104,7 +107,10 @@ def column_title(metric: str, settings: dict | None) -> str:
         title = f"PGD-{steps}" if isinstance(steps, int) else "PGD"
         if isinstance(restarts, int) and restarts > 1:
             title += f"$\\times${restarts}"
-        return title if metric == "pgd/acc" else f"{title} ($\\epsilon$={eps:g})"
+        if metric == "pgd/acc":
+            return title
+        norm = metric.split("/")[1] if metric.split("/")[1] in NORM_TEX else None  # pgd/l2/eps_0.5/acc
+        return f"{title} ({NORM_TEX[norm] + ', ' if norm else ''}$\\epsilon$={eps:g})"
     return TITLES.get(metric, tex(metric))
 
 
@@ -113,7 +119,7 @@ def threat_caption(groups: dict) -> str:
     threats = set()
     for runs in groups.values():
         for run in runs.values():
-            threat = run["run"].get("threat") or {}
+            threat = run.get("eval_threat") or run["run"].get("threat") or {}  # robust-eval: what it attacked
             threats.add((threat.get("norm"), threat.get("eps")))
     if len(threats) != 1:
         return ""
