@@ -5,6 +5,7 @@ not the user's (a bug), which keeps its traceback. HYDRA_FULL_ERROR=1 keeps full
 
 import dataclasses
 import re
+import signal
 import sys
 
 from runner.checkpoint import CheckpointError
@@ -18,9 +19,13 @@ class ConfigError(ValueError):
 class RunInterrupted(Exception):
     """SIGTERM/SIGUSR1 (SLURM pre-emption or time limit): a checkpoint was written, rerun to resume."""
 
-    def __init__(self, signum: int, message: str):
+    def __init__(self, signum: int, message: str | None = None):
+        if message is None:  # re-made from its text alone: OmegaConf re-raises what interrupts its code so
+            message = str(signum)
+            named = re.search(r"\bSIG(INT|TERM|USR1|USR2)\b", message)
+            signum = getattr(signal, named.group(0)) if named else signal.SIGTERM
         super().__init__(message)
-        self.signum = signum
+        self.signum = int(signum)
 
 
 class RunDirBusy(RuntimeError):

@@ -56,3 +56,17 @@ def test_ctrl_c_while_the_console_script_starts_is_one_line(tmp_path):
     assert out.returncode == 130, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == ["robust-train: interrupted (Ctrl-C) while starting; nothing was written"], out.stderr
+
+
+def test_an_interruption_re_raised_from_its_text_keeps_its_signal():
+    """OmegaConf re-raises an exception raised inside its code as type(err)(its message): a stop signal
+    arriving while a config is read must still end the run as interrupted (and requeue on SIGUSR1), not
+    as a TypeError from RunInterrupted's constructor, recorded as a failed run."""
+    from omegaconf._utils import format_and_raise
+
+    from runner.errors import RunInterrupted
+
+    cause = RunInterrupted(signal.SIGUSR1, "stopped by SIGUSR1 in epoch 2 after batch 3, checkpointed")
+    with pytest.raises(RunInterrupted) as info:
+        format_and_raise(node=None, key="train.epochs", value=None, msg=str(cause), cause=cause)
+    assert info.value.signum == signal.SIGUSR1 and "epoch 2" in str(info.value)
