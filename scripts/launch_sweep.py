@@ -19,6 +19,7 @@ import datetime
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  finished: when {sweep_dir / 'sweep.exit'} exists (it holds the exit status)")
     print(f"  stop:     kill -TERM -{process.pid}  (runs checkpoint; relaunch with --sweep-dir to resume)")
     if args.wait:
-        process.wait()
-        return int((sweep_dir / "sweep.exit").read_text().strip() or 1)
+        try:
+            process.wait()
+        except KeyboardInterrupt:  # the sweep runs in its own session: pass Ctrl-C on, and wait for its checkpoints
+            os.killpg(process.pid, signal.SIGINT)
+            process.wait()
+        exit_file = sweep_dir / "sweep.exit"
+        return int(exit_file.read_text().strip() or 1) if exit_file.exists() else 128 + signal.SIGKILL
     return 0
 
 
