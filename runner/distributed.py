@@ -133,14 +133,27 @@ def average_buffers(model: nn.Module, procs: Processes) -> None:
             buffer.div_(procs.world_size)
 
 
+def _flag_device():
+    """Where a one-number collective's tensor lives: NCCL reduces CUDA tensors only."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+
+
 def shared_signal(signum: int | None, procs: Processes) -> int | None:
     """A stop signal any process received (the largest number if several), the same on every process."""
     if not procs.enabled:
         return signum
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    shared = torch.tensor([float(signum or 0)], device=device)
+    shared = torch.tensor([float(signum or 0)], device=_flag_device())
     dist.all_reduce(shared, op=dist.ReduceOp.MAX)
     return int(shared.item()) or None
+
+
+def stop_agreed(stop, procs: Processes) -> bool:
+    """Whether any process received a stop signal (outside a step: at an epoch's end), decided the same on
+    every process; a signal that arrives during the agreement stays pending in `stop` for the next one."""
+    shared = shared_signal(stop.signum, procs)
+    if shared:
+        stop.signum = stop.signum or shared
+    return shared is not None
 
 
 def gather_objects(value, procs: Processes) -> list:
@@ -156,8 +169,7 @@ def agree(flag: bool, procs: Processes) -> bool:
     """Rank 0's `flag` on every process (a decision only rank 0 measured, such as stopping early)."""
     if not procs.enabled:
         return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    shared = torch.tensor([float(flag)], device=device)
+    shared = torch.tensor([float(flag)], device=_flag_device())
     dist.broadcast(shared, src=0)
     return bool(shared.item())
 

@@ -16,7 +16,15 @@ from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
 from runner.methods import method_name
 from runner.report_header import threat_summary
-from runner.tracking import NOT_RESUMABLE, StopRequests, Tracker, run_environment, run_state, write_json
+from runner.tracking import (
+    NOT_RESUMABLE,
+    StopRequests,
+    Tracker,
+    read_status,
+    run_environment,
+    run_state,
+    write_json,
+)
 
 ALWAYS_FROM_COMMAND = ("eval", "device", "logger")
 # What training decided: the checkpoint's values, never the command line's (results would carry another
@@ -206,19 +214,13 @@ def training_record(path: Path, state: dict) -> tuple[dict, dict | None]:
                     train[key] = value
             train["source"] = f"checkpoint and {results_file}"
             train_env = trained.get("env") if isinstance(trained.get("env"), dict) else None
-    if results_file is not None and not isinstance(trained, dict) and not training_finished(results_file.parent):
-        status = run_state(results_file.parent)
-        if status not in (None, "completed"):
-            train["training_status"] = status
+    if results_file is not None and not isinstance(trained, dict):  # a run's results come after its training
+        status = read_status(results_file.parent)
+        state = run_state(results_file.parent, status)
+        # "trained": its training ended (an evaluation may have failed after it)
+        if status.get("trained") is not True and state not in (None, "completed"):
+            train["training_status"] = state
     return train, train_env
-
-
-def training_finished(run_dir: Path) -> bool:
-    """Whether the run's status.json says its training ended (an evaluation may have failed after it)."""
-    try:
-        return json.loads((run_dir / "status.json").read_text()).get("trained") is True
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def unfinished_training(train: dict) -> str | None:

@@ -246,14 +246,20 @@ def lock_held(run_dir: Path) -> bool | None:
     return False
 
 
-def run_state(run_dir: Path) -> str | None:
+def read_status(run_dir: Path) -> dict:
+    """The run directory's status.json ({} when missing or unreadable)."""
+    try:
+        status = json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def run_state(run_dir: Path, status: dict | None = None) -> str | None:
     """status.json's status ("running", "completed", "failed", "interrupted"), with "running" read as
     "killed" when no process holds the run's lock any more (SIGKILL, an out-of-memory kill, a lost node:
-    nothing could write the status). None without a readable status.json."""
-    try:
-        status = json.loads((Path(run_dir) / "status.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    nothing could write the status). None without a readable status.json. `status`: one already read."""
+    status = (read_status(run_dir) if status is None else status).get("status")
     if status == "running" and lock_held(run_dir) is False:
         return "killed"
     return status

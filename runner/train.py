@@ -33,6 +33,7 @@ from runner.tracking import (
     Tracker,
     keep_earlier_results,
     lock_run_dir,
+    read_status,
     run_environment,
     write_json,
 )
@@ -114,15 +115,15 @@ def rng_of_process(state: dict, procs) -> dict:
 RESUME_IGNORED = ("resume", "device", "eval", "logger", "train.log_every", "train.progress", "ckpt")
 
 
-def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+def config_differences(saved: dict, current: dict, prefix: str = "", ignored=RESUME_IGNORED) -> list[str]:
     keys = []
     for key in sorted(set(saved) | set(current), key=str):
         name = f"{prefix}{key}"
-        if name in RESUME_IGNORED:
+        if name in ignored:
             continue
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            keys += config_differences(a, b, name + ".")
+            keys += config_differences(a, b, name + ".", ignored)
         elif a != b:
             keys.append(f"{name}: {a!r} -> {b!r}")
     return keys
@@ -329,14 +330,10 @@ def run(cfg, run_dir: Path) -> dict:
                         + (f" with epoch {c['restored_epoch']}'s model" if c.get("restored_epoch") is not None else "")
                     )
                     break
-                shared = distributed.shared_signal(stop.signum, procs)  # one decision for all processes
-                if shared:  # (a signal that came during this all-reduce stays pending for the next step's)
-                    stop.signum = stop.signum or shared
+                if distributed.stop_agreed(stop, procs):  # one decision for all processes
                     raise stop.interrupted(f"after epoch {epoch + 1} (step {step}), checkpointed")
         tracker.stop_progress()
-        shared = distributed.shared_signal(stop.signum, procs)
-        if shared:
-            stop.signum = stop.signum or shared
+        if distributed.stop_agreed(stop, procs):
             raise stop.interrupted(f"after training (step {step}), checkpointed")
         distributed.after_training(procs)  # the others then wait for rank 0's evaluation, however long
         stop.immediate = "during the evaluation (training is complete and checkpointed)"
@@ -414,29 +411,20 @@ NOT_AFFECTING_RESULTS = ("resume", "logger", "train.progress", "train.log_every"
 def completed_results(run_dir: Path, config: dict, resume_state: dict | None) -> dict | None:
     """The run directory's results when they are this very command's, trained to the end and evaluated
     (status completed, results.json of the same resolved config, last.pt the final one); else None."""
-    if resume_state is None or resume_state.get("batch"):
+    if resume_state is None or resume_state.get("batch") or read_status(run_dir).get("status") != "completed":
         return None
     try:
-        status = json.loads((run_dir / "status.json").read_text())
         results = json.loads((run_dir / "results.json").read_text())
     except (OSError, ValueError):
         return None
-    if not isinstance(status, dict) or status.get("status") != "completed" or not isinstance(results, dict):
+    if not isinstance(results, dict) or not isinstance(results.get("config"), dict):  # (older results.json)
         return None
-    if not isinstance(results.get("config"), dict):  # written before results.json carried the config
-        return None
-
-    def comparable(settings) -> str:
-        settings = json.loads(json.dumps(settings, default=str))
-        for key in NOT_AFFECTING_RESULTS:
-            section, _, name = key.rpartition(".")
-            (settings.get(section, {}) if section else settings).pop(name, None)
-        return json.dumps(settings, sort_keys=True)
-
     trained = results.get("train") or {}
     end = (resume_state.get("epoch"), resume_state.get("step"))
     same_end = end == (trained.get("epochs_trained"), trained.get("steps"))
-    return results if same_end and comparable(results.get("config")) == comparable(config) else None
+    current = json.loads(json.dumps(config, default=str))  # as results.json holds it
+    differs = config_differences(results["config"], current, ignored=NOT_AFFECTING_RESULTS)
+    return results if same_end and not differs else None
 
 
 def evaluated_checkpoint(setting: str, method) -> str:

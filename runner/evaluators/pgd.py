@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from runner.attacks import NORMS, default_alpha, model_mode, pgd, predict
+from runner.attacks import NORMS, default_alpha, model_mode, per_example_ce, pgd, predict
 from runner.evaluators.base import EvalResult, Evaluator, check_keys
 
 KEYS = {"name", "steps", "restarts", "alpha", "eps", "eps_factors", "norm", "loss"}
@@ -106,7 +106,7 @@ def zero_gradient_points(model, x, y, loss: str, batch_size: int) -> torch.Tenso
     """Where the attack's loss has an all-zero input gradient at x (eval mode): a saturated softmax (every
     cross-entropy gradient underflows once the margin is large enough) or a masked, piecewise-constant
     model. PGD's sign step does not move such a point, so "robust" there is not a measurement."""
-    loss_fn = loss_function(loss) or (lambda logits, t: torch.nn.functional.cross_entropy(logits, t, reduction="none"))
+    loss_fn = loss_function(loss) or per_example_ce
     with model_mode(model, "eval"):
         zero = [input_gradients(model, x[i : i + batch_size], y[i : i + batch_size], loss_fn).abs().sum(1) == 0
                 for i in range(0, len(y), batch_size)]

@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from runner.attacks import model_mode, predict
+from runner.attacks import model_mode, per_example_ce, predict
 from runner.evaluators.base import EvalResult, Evaluator, check_keys
 from runner.evaluators.pgd import input_gradients, margin_loss, parse_eps, pgd_correct, positive_int, spec_error
 from runner.tracking import log
@@ -154,9 +154,7 @@ def gradient_check(model, x, y, zero_max: float, saturated_max: float) -> dict:
     """Margin gradients (which do not saturate) must be non-zero and finite; cross-entropy gradients
     that vanish through softmax saturation are reported and fail only above `saturated_max`."""
     with model_mode(model, "eval"):
-        ce = input_gradients(
-            model, x, y, lambda z, t: torch.nn.functional.cross_entropy(z, t, reduction="none")
-        )
+        ce = input_gradients(model, x, y, per_example_ce)
         margin = input_gradients(model, x, y, margin_loss)
     n = len(y)
     nonfinite = int((~torch.isfinite(ce).all(1) | ~torch.isfinite(margin).all(1)).sum())

@@ -5,7 +5,7 @@ directories that have no results.json yet."""
 import json
 from pathlib import Path
 
-from runner.tracking import run_state
+from runner.tracking import read_status, run_state
 
 # Config keys (and everything below them) that cannot change a number. `ckpt` is robust-eval's path to
 # the checkpoint: it names the run, like the seed; which checkpoint (best/last) is kept as eval.checkpoint.
@@ -28,18 +28,15 @@ def unfinished_runs(root: Path) -> list[str]:
         run_dir = status_path.parent
         if run_dir.parent.name == "earlier" or (run_dir / "results.json").exists():
             continue
-        try:
-            status = json.loads(status_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            status = {}
-        state = run_state(run_dir) or "unknown"
+        status = read_status(run_dir)
+        state = run_state(run_dir, status) or "unknown"
         if state == "running":
             lines.append(f"not counted: {run_dir} is still running (no results.json yet)")
         elif state == "killed":
             lines.append(f"not counted: {run_dir} was killed while running (status.json still says running and "
                          "no process holds the run); run its command again to resume from the last checkpoint")
         else:
-            error = status.get("error") if isinstance(status, dict) else None
+            error = status.get("error")
             detail = f"status {state}: {error}" if error else f"status {state}"
             lines.append(f"not counted: {run_dir} has no results.json ({detail})")
     return lines
