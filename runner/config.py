@@ -39,6 +39,13 @@ class DatasetConfig:
     test_size: int = 0  # only for datasets without an official test split (digits, synthetic)
     augment: str = "none"  # none | crop_flip | crop
     crop_padding: int = 4
+    # What the crop sees beyond the border: zeros (torchvision's RandomCrop default, TRADES, fast AT),
+    # edge (Shi et al.'s IBP code) or reflect (Rice et al.'s cifar10-fast pipeline).
+    crop_padding_mode: str = "zeros"
+    # The model's input normalisation (its first layer), per channel; null: the dataset's own statistics.
+    # Some references use other constants: Shi et al. CIFAR-10 std (0.2023, 0.1994, 0.2010), MNIST none.
+    mean: list | None = None
+    std: list | None = None
     label_noise: float = 0.0  # fraction of training labels flipped (never validation or test)
     label_noise_kind: str = "symmetric"  # symmetric | asymmetric (y+1 mod K) | patrini (class look-alikes)
     # synthetic only
@@ -129,6 +136,9 @@ class SchedulerConfig:
     gamma: float = 0.1  # multistep factor
     pct_start: float = 0.5  # onecycle: fraction of training spent rising (fast AT: 0 -> max -> 0)
     final_lr_ratio: float = 0.0  # cosine: lr at the end / initial lr
+    # [low, high]: SGD's momentum moves against the lr, high at lr 0 and low at the peak (torch's CyclicLR
+    # does this by default: fast AT's reference cycles 0.9 -> 0.8 -> 0.9). null: momentum stays fixed.
+    cycle_momentum: list | None = None
 
 
 @dataclass

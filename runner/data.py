@@ -6,6 +6,7 @@ are fixed by a constant seed, never by the training seed, so every run is scored
 """
 
 import contextlib
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +41,19 @@ INFO = {
 
 
 def dataset_info(cfg) -> DatasetInfo:
-    """cfg: the `dataset` config node."""
+    """cfg: the `dataset` config node. `dataset.mean` / `dataset.std`, when set, replace the dataset's
+    own normalisation constants (a config saved before those keys existed has neither)."""
     if cfg.name == "synthetic":
         c = cfg.channels
-        return DatasetInfo(c, cfg.image_size, cfg.num_classes, (0.5,) * c, (0.25,) * c)
-    return INFO[cfg.name]
+        info = DatasetInfo(c, cfg.image_size, cfg.num_classes, (0.5,) * c, (0.25,) * c)
+    else:
+        info = INFO[cfg.name]
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is not None:
+        info = dataclasses.replace(info, mean=tuple(float(v) for v in mean))
+    if std is not None:
+        info = dataclasses.replace(info, std=tuple(float(v) for v in std))
+    return info
 
 
 @dataclass
@@ -225,8 +234,8 @@ class InMemoryLoader:
     smaller than world_size would leave a process empty; it is dropped.
     """
 
-    def __init__(self, x, y, batch_size, device, *, shuffle=True, augment="none", padding=4, seed=0,
-                 rank=0, world_size=1):
+    def __init__(self, x, y, batch_size, device, *, shuffle=True, augment="none", padding=4, padding_mode="zeros",
+                 seed=0, rank=0, world_size=1):
         if world_size > batch_size:
             raise ValueError(f"train.batch_size={batch_size} is the global batch: it must be at least the "
                              f"number of processes sharing it ({world_size})")
@@ -238,7 +247,7 @@ class InMemoryLoader:
         if augment == "none":
             self.x = x.to(device)
         else:  # pad the stored images once (8-bit when they are), crop windows are then views
-            self.crops = CropWindows(x.to(device), padding)
+            self.crops = CropWindows(x.to(device), padding, padding_mode)
 
     def __len__(self):
         full, rest = divmod(len(self.y), self.batch_size)
@@ -280,8 +289,30 @@ def draw_augmentation(n: int, kind: str, padding: int, g: torch.Generator, devic
     return top, left, flip
 
 
+PADDING_MODES = ("zeros", "edge", "reflect")
+
+
+def pad_images(x: torch.Tensor, padding: int, mode: str = "zeros") -> torch.Tensor:
+    """x [N, C, H, W] padded on every side: with zeros, the border pixel repeated (edge, numpy's and
+    torchvision's name) or mirrored without repeating it (reflect). Index gathers work on uint8, which
+    torch's replicate/reflect padding does not; reflect needs padding < H, W (the config checks it)."""
+    if mode == "zeros":
+        return torch.nn.functional.pad(x, (padding,) * 4)
+    if mode not in PADDING_MODES:
+        raise ValueError(f"dataset.crop_padding_mode must be one of {PADDING_MODES}, got {mode!r}")
+
+    def source(n: int) -> torch.Tensor:
+        index = torch.arange(-padding, n + padding, device=x.device)
+        if mode == "edge":
+            return index.clamp(0, n - 1)
+        index = index.abs()
+        return torch.where(index > n - 1, 2 * (n - 1) - index, index)
+
+    return x.index_select(-2, source(x.shape[-2])).index_select(-1, source(x.shape[-1]))
+
+
 class CropWindows:
-    """Random crops (and flips) of zero-padded images: one row gather and one element gather per batch.
+    """Random crops (and flips) of padded images: one row gather and one element gather per batch.
 
     The padded images are stored once (in the stored dtype: uint8 moves 4x fewer bytes than float). A
     batch picks its padded images with `index_select`, then takes every crop pixel with one `gather`
@@ -290,9 +321,9 @@ class CropWindows:
     copy, and it needs no second (flipped) copy of the data.
     """
 
-    def __init__(self, x: torch.Tensor, padding: int):
+    def __init__(self, x: torch.Tensor, padding: int, mode: str = "zeros"):
         self.height, self.width = x.shape[-2:]
-        self.padded = torch.nn.functional.pad(x, (padding,) * 4)
+        self.padded = pad_images(x, padding, mode)
         self.padded_width = self.width + 2 * padding
         device = x.device
         self.row_offsets = torch.arange(self.height, device=device) * self.padded_width
@@ -310,7 +341,7 @@ class CropWindows:
         return to_float(crops.view(n, channels, self.height, self.width))
 
 
-def augment_batch(x: torch.Tensor, kind: str, padding: int, g: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding (and horizontal flip for crop_flip), one draw per image."""
+def augment_batch(x: torch.Tensor, kind: str, padding: int, g: torch.Generator, padding_mode="zeros") -> torch.Tensor:
+    """Random crop of the padded images (and horizontal flip for crop_flip), one draw per image."""
     top, left, flip = draw_augmentation(len(x), kind, padding, g, x.device)
-    return CropWindows(x, padding)(torch.arange(len(x), device=x.device), top, left, flip)
+    return CropWindows(x, padding, padding_mode)(torch.arange(len(x), device=x.device), top, left, flip)

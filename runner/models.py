@@ -109,7 +109,15 @@ def wide_resnet(cfg, info):
     if (depth - 4) % 6:
         raise ValueError(f"model.depth={depth}: a wide ResNet needs depth = 6n + 4 (e.g. 28, 34)")
     n = (depth - 4) // 6
-    return _residual_net(info.channels, 16, [16 * k, 32 * k, 64 * k], [n, n, n], info.num_classes)
+    layers = _residual_net(info.channels, 16, [16 * k, 32 * k, 64 * k], [n, n, n], info.num_classes)
+    # Both WRN references (TRADES' wideresnet.py, Foret et al.'s SAM code) draw conv weights He-normal
+    # over fan-out and zero the classifier's bias; PreActResNet-18 (Rice et al.) keeps torch's defaults.
+    for module in nn.Sequential(*layers).modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+    return layers
 
 
 ARCHITECTURES = {

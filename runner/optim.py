@@ -45,6 +45,24 @@ def build_scheduler(cfg, optimizer, steps_per_epoch: int, total_steps: int):
     # (the same numbers; an OmegaConf lookup costs microseconds each).
     plain = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True)) if OmegaConf.is_config(cfg) else cfg
     lr_factor(plain, 0, total_steps, steps_per_epoch)  # fail on a bad name now, not at the first step
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(plain, step, total_steps, steps_per_epoch)
-    )
+    schedule = lambda step: lr_factor(plain, step, total_steps, steps_per_epoch)  # noqa: E731
+    cycle = getattr(plain, "cycle_momentum", None)
+    if cycle is not None:
+        return MomentumCycle(optimizer, schedule, cycle)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class MomentumCycle(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR that also sets SGD's momentum against the lr: high - (high - low) * lr / peak lr, as
+    torch's CyclicLR does with cycle_momentum. The momentum follows the step count alone, so a resumed
+    run (scheduler state restored) gets the same values."""
+
+    def __init__(self, optimizer, lr_lambda, momentum_range):
+        self.momentum_range = tuple(float(m) for m in momentum_range)
+        super().__init__(optimizer, lr_lambda)
+
+    def step(self, epoch=None):
+        super().step() if epoch is None else super().step(epoch)
+        low, high = self.momentum_range
+        for group, peak in zip(self.optimizer.param_groups, self.base_lrs):
+            group["momentum"] = high - (high - low) * (group["lr"] / peak if peak else 0.0)

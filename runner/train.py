@@ -197,7 +197,8 @@ def run(cfg, run_dir: Path) -> dict:
         optimizer = build_optimizer(cfg.optimizer, model)
         loader = InMemoryLoader(
             *splits.train, cfg.train.batch_size, device, augment=cfg.dataset.augment,
-            padding=cfg.dataset.crop_padding, seed=cfg.seed, rank=procs.rank, world_size=procs.world_size,
+            padding=cfg.dataset.crop_padding, padding_mode=cfg.dataset.crop_padding_mode, seed=cfg.seed,
+            rank=procs.rank, world_size=procs.world_size,
         )
         steps_per_epoch, epochs = len(loader), cfg.train.epochs
         total_steps = steps_per_epoch * epochs

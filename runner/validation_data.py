@@ -3,6 +3,8 @@ validation splits that every class can fill; a model whose layers take the datas
 the labels and on a weightless model so a bad size fails before any data is loaded.
 """
 
+import math
+
 from runner.label_noise import KINDS as LABEL_NOISE_KINDS
 from runner.label_noise import PATRINI_MAPS
 from runner.validation_groups import at_least, fail, fraction, one_of
@@ -22,6 +24,9 @@ def check_dataset(d) -> None:
     at_least("dataset.test_size", d.test_size, 0)
     one_of("dataset.augment", d.augment, AUGMENTS)
     at_least("dataset.crop_padding", d.crop_padding, 0)
+    from runner.data import PADDING_MODES
+
+    one_of("dataset.crop_padding_mode", d.crop_padding_mode, PADDING_MODES)
     fraction("dataset.label_noise", d.label_noise)
     one_of("dataset.label_noise_kind", d.label_noise_kind, LABEL_NOISE_KINDS)
     if d.label_noise > 0 and d.label_noise_kind == "patrini" and d.name not in PATRINI_MAPS:
@@ -35,11 +40,26 @@ def check_dataset(d) -> None:
     from runner.data import dataset_info
 
     if d.name in INFO or d.name == "synthetic":
+        check_normalisation(d, d.channels if d.name == "synthetic" else INFO[d.name].channels)
         size = dataset_info(d).image_size
         if d.augment != "none" and d.crop_padding >= size:
             fail("dataset.crop_padding", d.crop_padding, f"must be smaller than the image size ({size}) for "
                   f"dataset.augment={d.augment}")
     check_split_sizes(d)
+
+
+def check_normalisation(d, channels: int) -> None:
+    """dataset.mean / dataset.std: one finite value per channel, std > 0 (null keeps the dataset's own)."""
+    for key in ("mean", "std"):
+        values = d.get(key)
+        if values is None:
+            continue
+        if isinstance(values, (int, float)) or not all(isinstance(v, (int, float)) for v in values):
+            fail(f"dataset.{key}", values, f"must be a list of {channels} numbers, one per channel (or null)")
+        if len(values) != channels:
+            fail(f"dataset.{key}", list(values), f"needs one value per channel: {channels}, got {len(values)}")
+        if not all(math.isfinite(v) for v in values) or (key == "std" and min(values) <= 0):
+            fail(f"dataset.{key}", list(values), "must be finite" + (" and > 0" if key == "std" else ""))
 
 
 # Training-set sizes of the torchvision datasets (what dataset.val_size is cut from).

@@ -112,6 +112,12 @@ def check_optimization(o, s) -> None:
     positive("scheduler.gamma", s.gamma)
     fraction("scheduler.pct_start", s.pct_start)
     at_least("scheduler.final_lr_ratio", s.final_lr_ratio, 0)
+    cycle = s.get("cycle_momentum")
+    if cycle is not None:
+        if o.name != "sgd":
+            fail("scheduler.cycle_momentum", list(cycle), f"moves SGD's momentum; optimizer.name={o.name!r} has none")
+        if len(cycle) != 2 or not all(isinstance(m, int | float) and 0 <= m < 1 for m in cycle) or cycle[0] > cycle[1]:
+            fail("scheduler.cycle_momentum", list(cycle), "must be [low, high] with 0 <= low <= high < 1")
 
 
 def check_method(cfg) -> None:

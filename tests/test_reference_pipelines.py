@@ -1,0 +1,138 @@
+"""The pieces of the reference recipes that are not methods: crop padding modes (Shi et al.'s edge,
+Rice et al.'s reflection), replaced normalisation constants, fast AT's cycled momentum (torch's CyclicLR)
+and the WRN references' initialisation; and the presets that use them."""
+
+import numpy as np
+import pytest
+import torch
+
+from runner.data import CropWindows, InMemoryLoader, dataset_info, pad_images
+from runner.errors import ConfigError
+
+NUMPY_MODES = {"zeros": "constant", "edge": "edge", "reflect": "reflect"}
+
+
+@pytest.mark.parametrize("mode", sorted(NUMPY_MODES))
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_padding_equals_numpy_pad(mode, dtype):
+    x = (torch.rand(3, 2, 5, 7) * 255).to(dtype)
+    expected = np.pad(x.numpy(), ((0, 0), (0, 0), (3, 3), (3, 3)), mode=NUMPY_MODES[mode])
+    assert np.array_equal(pad_images(x, 3, mode).numpy(), expected)
+
+
+def test_loader_crops_are_windows_of_the_padded_images():
+    x = torch.randint(0, 256, (6, 1, 5, 5), dtype=torch.uint8)
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (2, 2), (2, 2)), mode="edge")
+    loader = InMemoryLoader(x, torch.arange(6), 6, torch.device("cpu"), shuffle=False, augment="crop", padding=2,
+                            padding_mode="edge")
+    crops, labels = next(iter(loader))
+    for crop, i in zip(crops, labels):
+        windows = [padded[i, :, top:top + 5, left:left + 5] / 255.0 for top in range(5) for left in range(5)]
+        assert any(np.allclose(crop.numpy(), window) for window in windows)
+    corner = CropWindows(x, 2, "edge")(torch.arange(6), torch.zeros(6, dtype=torch.long),
+                                       torch.zeros(6, dtype=torch.long))
+    assert torch.equal(corner[:, :, 0, 0], x[:, :, 0, 0].float() / 255)  # the corner repeats, not zero
+
+
+def test_normalisation_constants_can_be_replaced(compose_cfg):
+    from runner.models import build_model
+
+    cfg = compose_cfg("dataset.mean=[0.0]", "dataset.std=[1.0]")
+    info = dataset_info(cfg.dataset)
+    assert (info.mean, info.std) == ((0.0,), (1.0,))
+    model = build_model(cfg.model, info)
+    x = torch.rand(2, 1, 8, 8)
+    assert torch.equal(model[0](x), x)
+    assert dataset_info(compose_cfg().dataset).std != (1.0,)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("dataset.std=[0.2,0.3]", "one value per channel"), ("dataset.std=[0.0]", "> 0"),
+     ("dataset.mean=[a]", "numbers"), ("dataset.crop_padding_mode=mirror", "crop_padding_mode")],
+)
+def test_bad_pipeline_values_name_the_key(compose_cfg, override, message):
+    from runner.validation import check_run as validate
+
+    with pytest.raises(ConfigError, match=message) as error:
+        validate(compose_cfg(override))
+    assert override.split("=")[0] in str(error.value)
+
+
+def test_cycled_momentum_is_torchs_cyclic_lr_and_resumes(compose_cfg):
+    from runner.optim import build_optimizer, build_scheduler
+
+    cfg = compose_cfg("optimizer=sgd", "optimizer.lr=0.2", "scheduler=onecycle", "scheduler.cycle_momentum=[0.8,0.9]")
+
+    def ours():
+        optimizer = build_optimizer(cfg.optimizer, torch.nn.Linear(2, 2))
+        return optimizer, build_scheduler(cfg.scheduler, optimizer, 10, 100)
+
+    optimizer, scheduler = ours()
+    reference_optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.2, momentum=0.9)
+    reference = torch.optim.lr_scheduler.CyclicLR(reference_optimizer, 0.0, 0.2, step_size_up=50, step_size_down=50)
+    trajectory = []
+    for step in range(100):
+        ours_now = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["momentum"]
+        theirs = reference_optimizer.param_groups[0]["lr"], reference_optimizer.param_groups[0]["momentum"]
+        assert ours_now == pytest.approx(theirs, abs=1e-12)
+        trajectory.append(ours_now)
+        if step == 40:
+            saved = optimizer.state_dict(), scheduler.state_dict()
+        for opt, sched in ((optimizer, scheduler), (reference_optimizer, reference)):
+            opt.step()
+            sched.step()
+    assert min(m for _, m in trajectory) == pytest.approx(0.8)
+    resumed_optimizer, resumed = ours()
+    resumed_optimizer.load_state_dict(saved[0])
+    resumed.load_state_dict(saved[1])
+    for step in range(41, 100):
+        resumed_optimizer.step()
+        resumed.step()
+        assert (resumed_optimizer.param_groups[0]["lr"], resumed_optimizer.param_groups[0]["momentum"]) == (
+            trajectory[step])
+
+
+def test_cycled_momentum_needs_sgd(compose_cfg):
+    from runner.validation import check_run as validate
+
+    with pytest.raises(ConfigError, match="scheduler.cycle_momentum"):
+        validate(compose_cfg("optimizer=adam", "scheduler.cycle_momentum=[0.8,0.9]"))
+    with pytest.raises(ConfigError, match="low <= high"):
+        validate(compose_cfg("optimizer=sgd", "scheduler.cycle_momentum=[0.9,0.8]"))
+
+
+def test_wide_resnets_use_their_references_initialisation(compose_cfg):
+    from runner.models import build_model
+
+    def conv_and_head(*overrides):
+        cfg = compose_cfg("dataset=synthetic", "dataset.channels=3", "dataset.image_size=8", *overrides)
+        torch.manual_seed(0)
+        model = build_model(cfg.model, dataset_info(cfg.dataset))
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] >= 16]
+        return convs[0], [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+    conv, head = conv_and_head("model=wrn_28_10", "model.depth=10", "model.width=4")
+    fan_out = conv.weight.shape[0] * conv.weight[0, 0].numel()
+    assert conv.weight.std().item() == pytest.approx((2 / fan_out) ** 0.5, rel=0.05)  # He-normal over fan-out
+    assert torch.count_nonzero(head.bias) == 0
+    conv, head = conv_and_head("model=preact_resnet18", "model.width=1")  # Rice et al.: torch's defaults
+    assert conv.weight.std().item() < 0.7 * (2 / (conv.weight.shape[0] * 9)) ** 0.5
+    assert torch.count_nonzero(head.bias) > 0
+
+
+def test_presets_carry_their_references_pipelines(compose_cfg):
+    for preset in ("cifar10_ibp", "cifar10_ibp_2"):
+        d = compose_cfg(f"experiment={preset}").dataset
+        assert (d.crop_padding, d.crop_padding_mode, d.val_size) == (2, "edge", 0)
+        assert list(d.std) == [0.2023, 0.1994, 0.201]
+    for preset in ("mnist_ibp", "mnist_ibp_03"):
+        cfg = compose_cfg(f"experiment={preset}")
+        info = dataset_info(cfg.dataset)
+        assert (info.mean, info.std) == ((0.0,), (1.0,))
+        assert (cfg.dataset.val_size, cfg.eval.checkpoint, cfg.method.eps_factor) == (0, "last", 1.0)
+    for preset in ("cifar10_at", "cifar10_at_awp", "cifar10_hr"):
+        assert compose_cfg(f"experiment={preset}").dataset.crop_padding_mode == "reflect"
+    assert list(compose_cfg("experiment=cifar10_fast_at").scheduler.cycle_momentum) == [0.8, 0.9]
+    sam = compose_cfg("experiment=cifar10_sam")
+    assert (sam.optimizer.nesterov, sam.train.grad_clip) == (True, 5.0)
