@@ -136,3 +136,15 @@ def test_presets_carry_their_references_pipelines(compose_cfg):
     assert list(compose_cfg("experiment=cifar10_fast_at").scheduler.cycle_momentum) == [0.8, 0.9]
     sam = compose_cfg("experiment=cifar10_sam")
     assert (sam.optimizer.nesterov, sam.train.grad_clip) == (True, 5.0)
+
+
+def test_hr_preset_is_the_at_preset_but_for_the_method(compose_cfg):
+    """The HR paper compares HR with AT in one setup: with alpha = r = 0 the presets' configs agree."""
+    from omegaconf import OmegaConf
+
+    at = OmegaConf.to_container(compose_cfg("experiment=cifar10_at"), resolve=True)
+    hr = OmegaConf.to_container(compose_cfg("experiment=cifar10_hr", "method.r=0"), resolve=True)
+    at_method, hr_method = at.pop("method"), hr.pop("method")
+    assert at == hr
+    assert {k for k in at_method.keys() | hr_method.keys() if at_method.get(k) != hr_method.get(k)} == {
+        "name", "alpha", "r"}
