@@ -17,7 +17,7 @@ WILSON = "Wilson score interval (binomial, n independent test points)"
 # Intervals evaluators compute themselves, when their settings do not name the method.
 CI_METHODS = {
     "corruptions": "normal approximation over per-example mean accuracies (mean ± 1.96·sd/√n)",
-    "calibration": "bootstrap over examples",
+    "calibration": "basic bootstrap over examples",
 }
 # Per-point orderings that must hold whatever the model: a point certified robust cannot be attacked,
 # and a point an attack fools cannot count as robust under a weaker notion. (stronger, weaker) pairs.

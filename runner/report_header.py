@@ -98,7 +98,7 @@ def checks_line(checks: list[dict]) -> str:
     run = [c for c in checks if not c.get("skipped")]
     skipped = len(checks) - len(run)
     return (f"- checks: {sum(c['passed'] for c in run)} of {len(run)} passed"
-            + (f"; {skipped} not applicable to this model (marked skip)" if skipped else ""))
+            + (f"; {skipped} not run (marked skip: not applicable or an input missing)" if skipped else ""))
 
 
 def header_lines(cfg, out: dict, model_source: str | None = None, run_dir: Path | None = None) -> list[str]:

@@ -111,6 +111,49 @@ def test_glass_blur_two_passes_distort_more_than_one(batches, corrupted):
         assert min(change[3:]) > max(change[:3]), (size, change)
 
 
+def reference_glass_blur(x, level, rng, scale):
+    """make_cifar_c.py's glass_blur loop written out literally on an H×W×C numpy array per image, its
+    `x[h, w], x[h', w'] = x[h', w'], x[h, w]` line included (a copy with numpy views, not a swap), with
+    the random shifts taken from the same counter-based draws as `blur.glass_blur`."""
+    sigma, max_shift, passes = level
+    sigma, max_shift = sigma * scale, max(1, round(max_shift * scale))
+    blurred = ops.gaussian_blur(x, sigma, truncate=4.0, mode="edge")
+    height, width = x.shape[-2:]
+    scan = [(h, w) for h in range(height - max_shift, max_shift, -1) for w in range(width - max_shift, max_shift, -1)]
+    shifted = blurred.permute(0, 2, 3, 1).numpy().copy()
+    for pass_index in range(passes):
+        bits = rng.bits(pass_index, (len(scan),)).numpy()
+        dys = (bits & 0xFFFF) % (2 * max_shift) - max_shift
+        dxs = (bits >> 16) % (2 * max_shift) - max_shift
+        for image, dy, dx in zip(shifted, dys, dxs):
+            for k, (h, w) in enumerate(scan):
+                h_prime, w_prime = h + dy[k], w + dx[k]
+                image[h, w], image[h_prime, w_prime] = image[h_prime, w_prime], image[h, w]
+    return ops.gaussian_blur(torch.from_numpy(shifted).permute(0, 3, 1, 2), sigma, truncate=4.0, mode="edge")
+
+
+def test_glass_blur_reproduces_the_reference_copy_not_a_swap():
+    """Bit-identical to the literal reference loop, including its sequential semantics: a pixel copies
+    a neighbour already overwritten earlier in the pass (needs shift >= 2 to reach one: the 64-pixel
+    case at scale 2 and an explicit shift of 3), and pass 2 reads pass 1's result."""
+    from runner.corruptions.blur import glass_blur
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [(torch.rand(3, 3, 32, 32, generator=generator, dtype=torch.float64), level, 1.0)
+             for level in levels("glass_blur")]
+    cases += [(torch.rand(2, 1, 64, 64, generator=generator, dtype=torch.float64), levels("glass_blur")[4], 2.0),
+              (torch.rand(3, 3, 20, 20, generator=generator, dtype=torch.float64), (0.3, 3, 2), 1.0)]
+    for seed in (0, 1, 2):
+        for x, level, scale in cases:
+            ours = glass_blur(x, level, ImageStreams(seed, 0, len(x), "cpu"), scale)
+            expected = reference_glass_blur(x, level, ImageStreams(seed, 0, len(x), "cpu"), scale)
+            assert torch.equal(ours, expected), (seed, level, scale)
+    # The idiom itself: the neighbour keeps its value (a swap would move x[0, 0] to x[1, 1]).
+    a = np.arange(12).reshape(2, 2, 3)
+    a[0, 0], a[1, 1] = a[1, 1], a[0, 0]
+    assert a[0, 0].tolist() == a[1, 1].tolist() == [9, 10, 11]
+
+
 def test_elastic_local_warp_grows_with_severity(batches):
     """Documented exception: severity trades the affine jitter (8% of the side at 1 down to 3% at 5,
     which dominates |x_c - x|) for local elastic warping; the local part alone must grow."""
@@ -284,7 +327,7 @@ def test_evaluator_keys_plot_and_mce_against_itself(tmp_path):
     assert result.settings["corruption/mean_acc"]["plot"] == "corruptions.png"  # drawn with the report:
     path = write_corruption_plot(tmp_path / "run", result.metrics, result.settings)
     assert path.name == "corruptions.png" and path.read_bytes()[:4] == b"\x89PNG"
-    expected = {"corruption/mean_acc", "corruption/sev1/acc", "corruption/sev5/acc"}
+    expected = {"corruption/clean_acc", "corruption/mean_acc", "corruption/sev1/acc", "corruption/sev5/acc"}
     expected |= {f"corruption/{name}/acc" for name in CORRUPTIONS}
     expected |= {f"corruption/{name}/sev{s}/acc" for name in CORRUPTIONS for s in (1, 5)}
     assert set(result.metrics) == expected
@@ -294,8 +337,8 @@ def test_evaluator_keys_plot_and_mce_against_itself(tmp_path):
     # mCE of a model against its own results: every CE and relative CE is exactly 1; the baseline's
     # evaluation was chunked differently (batch 500 vs 7), which must not change the corrupted sets.
     clean_acc = (TinyModel()(x).argmax(1) == y).double().mean().item()
-    metrics = {**result.metrics, "clean/acc": clean_acc}
-    results = {"metrics": metrics, "eval": result.settings, "run": {}}
+    assert result.metrics["corruption/clean_acc"] == pytest.approx(clean_acc)
+    results = {"metrics": result.metrics, "eval": result.settings, "run": {}}
     (tmp_path / "results.json").write_text(json.dumps(results))
     subset = ["glass_blur", "fog", "pixelate"]
     spec = {"name": "corruptions", "severities": [1, 5], "corruptions": subset, "baseline": str(tmp_path)}
@@ -308,6 +351,80 @@ def test_evaluator_keys_plot_and_mce_against_itself(tmp_path):
     assert all(scored.metrics[f"corruption/{name}/relative_ce"] == pytest.approx(1.0) for name in subset)
     comparable = {check["name"]: check["passed"] for check in scored.checks}
     assert comparable["corruption baseline comparable"] is True
+    # Without a baseline the mCE check says so, marked skipped, naming the key that would enable it.
+    (no_baseline,) = [check for check in result.checks if check["name"] == "corruption mCE against a baseline"]
+    assert no_baseline["skipped"] and "corruptions.baseline=" in no_baseline["detail"]
+    assert "corruption mCE against a baseline" not in comparable
+
+
+class NoisyModel(TinyModel):
+    """TinyModel with perturbed weights: a worse classifier, to serve as an mCE baseline."""
+
+    def __init__(self, noise: float = 0.05):
+        super().__init__()
+        generator = torch.Generator().manual_seed(1)
+        self.weights = self.weights + noise * torch.randn(self.weights.shape, generator=generator)
+
+
+def evaluate_to_results(tmp_path, model, x, y, spec) -> dict:
+    """What evaluate() writes for a suite [clean (every point), corruptions (spec)], as a results.json."""
+    result = build(spec, cfg=None)(model, x, y, context())
+    clean_acc = (model(x).argmax(1) == y).double().mean().item()
+    results = {"metrics": {"clean/acc": clean_acc, **result.metrics}, "eval": result.settings, "run": {}}
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    return results
+
+
+def test_relative_mce_uses_clean_errors_on_the_corrupted_points(tmp_path):
+    """corruptions.n_examples corrupts only the first n points: relative CE must subtract both models'
+    clean errors on those n points, not the baseline's clean/acc over all of them."""
+    x, y = digits8(60), torch.tensor(load_digits().target[:60])
+    baseline_model, model = NoisyModel(), TinyModel()
+    n, severities, subset = 25, [1, 5], ["gaussian_noise", "contrast", "fog"]
+    spec = {"name": "corruptions", "severities": severities, "corruptions": subset, "n_examples": n}
+    baseline = evaluate_to_results(tmp_path / "baseline", baseline_model, x, y, spec)
+    scored = build({**spec, "baseline": str(tmp_path / "baseline")}, cfg=None)(model, x, y, context())
+
+    def clean_error(classifier, count):
+        return 1 - (classifier(x[:count]).argmax(1) == y[:count]).double().mean().item()
+
+    assert clean_error(baseline_model, n) != pytest.approx(clean_error(baseline_model, len(y)))  # a real test
+    assert scored.metrics["corruption/clean_acc"] == pytest.approx(1 - clean_error(model, n))
+    for name in subset:
+        ours = sum(1 - scored.metrics[f"corruption/{name}/sev{s}/acc"] for s in severities)
+        theirs = sum(1 - baseline["metrics"][f"corruption/{name}/sev{s}/acc"] for s in severities)
+        expected = (ours - len(severities) * clean_error(model, n)) / (
+            theirs - len(severities) * clean_error(baseline_model, n))
+        assert scored.metrics[f"corruption/{name}/relative_ce"] == pytest.approx(expected), name
+    comparable = {check["name"]: check for check in scored.checks}["corruption baseline comparable"]
+    assert comparable["passed"], comparable["detail"]
+
+
+def test_baseline_without_clean_accuracy_on_its_points_or_on_other_points_is_not_comparable(tmp_path):
+    x, y = digits8(40), torch.tensor(load_digits().target[:40])
+    spec = {"name": "corruptions", "severities": [1, 5], "corruptions": ["fog"], "n_examples": 20}
+
+    def comparable_check(results_dir, points):
+        scored = build({**spec, "baseline": str(results_dir)}, cfg=None)(TinyModel(), points, y, context())
+        return scored, {check["name"]: check for check in scored.checks}["corruption baseline comparable"]
+
+    # An older baseline: its clean accuracy on the corrupted points and their fingerprint not recorded.
+    results = evaluate_to_results(tmp_path / "old", NoisyModel(), x, y, spec)
+    del results["metrics"]["corruption/clean_acc"]
+    for settings in results["eval"].values():
+        del settings["points_sha256"]
+    (tmp_path / "old" / "results.json").write_text(json.dumps(results))
+    scored, check = comparable_check(tmp_path / "old", x)
+    assert not check["passed"] and "lacks corruption/clean_acc" in check["detail"]
+    assert "points_sha256: baseline has none" in check["detail"]
+    assert "corruption/mce" in scored.metrics and "corruption/relative_mce" not in scored.metrics
+    # Same count, same seed and size, other images: the fingerprint differs.
+    evaluate_to_results(tmp_path / "other", NoisyModel(), x, y, spec)
+    scored, check = comparable_check(tmp_path / "other", x.flip(-1))
+    assert not check["passed"] and "points_sha256" in check["detail"] and "other points" in check["detail"]
+    scored, check = comparable_check(tmp_path / "other", x)
+    assert check["passed"], check["detail"]
 
 
 def test_evaluator_rejects_bad_specs(tmp_path):

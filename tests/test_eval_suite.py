@@ -334,6 +334,50 @@ def test_ece_matches_brute_force_and_bin_edges():
     assert stats["ece"] == pytest.approx((1 / 15 + 0 + 0.5) / 3)
 
 
+def calibrated_sample(seed: int, n: int = 300, overconfidence: float = 0.0):
+    """Confidences uniform on [0.5, 1], each prediction correct with probability confidence −
+    overconfidence: the true (population) binned ECE is exactly `overconfidence`."""
+    generator = torch.Generator().manual_seed(seed)
+    confidence = 0.5 + 0.5 * torch.rand(n, generator=generator, dtype=torch.float64)
+    return confidence, torch.rand(n, generator=generator, dtype=torch.float64) < confidence - overconfidence
+
+
+def test_calibration_ece_interval_contains_its_estimate_and_reaches_zero_for_calibrated_models():
+    """The binned ECE is biased upwards, so a percentile bootstrap sat above it: on these 60 perfectly
+    calibrated samples it excluded the true ECE 0 every time and its own estimate 6 times. The basic
+    bootstrap reflects the resamples around the estimate; with a true ECE of 0.1 it must still cover it."""
+    seeds = range(60)
+    contains_estimate = contains_zero = covers_miscalibrated = 0
+    for seed in seeds:
+        confidence, correct = calibrated_sample(seed)
+        ece = calibration.expected_calibration_error(confidence, correct, 15)
+        low, high = calibration.bootstrap_interval(confidence, correct, 15, 100, seed)
+        contains_estimate += low <= ece <= high
+        contains_zero += low == 0.0
+        confidence, correct = calibrated_sample(seed, overconfidence=0.1)
+        low, high = calibration.bootstrap_interval(confidence, correct, 15, 100, seed)
+        covers_miscalibrated += low <= 0.1 <= high
+    assert contains_estimate == len(seeds)
+    assert contains_zero >= 0.5 * len(seeds), contains_zero
+    assert covers_miscalibrated >= 0.8 * len(seeds), covers_miscalibrated
+
+
+def test_calibration_without_bootstrap_reports_no_interval(tmp_path):
+    """bootstrap: 0 resamples nothing: no interval (not [0, 1] presented as one), method "none"."""
+    x, y = load_dataset("digits", "test")
+    model = mlp().eval()
+    result = calibration.build({"name": "calibration", "bootstrap": 0, "adversarial": False}, None)(
+        model, x[:50], y[:50], context(tmp_path)
+    )
+    settings = result.settings["calibration/ece"]
+    assert settings["ci95"] is None and settings["ci95_method"] == "none"
+    assert (tmp_path / settings["plot"]).is_file()  # the diagram is drawn without an interval
+    assert calibration.bootstrap_interval(torch.tensor([0.9]), torch.tensor([True]), 15, 100, 0) is None
+    with_bootstrap = calibration.build({"name": "calibration", "bootstrap": 30, "adversarial": False}, None)
+    settings = with_bootstrap(model, x[:50], y[:50], context()).settings["calibration/ece"]
+    assert settings["ci95_method"].startswith("basic (reverse-percentile) bootstrap over examples (30 resamples)")
+
+
 def test_per_class_and_worst_class():
     y = torch.tensor([0, 0, 1, 1, 1, 2])
     clean = torch.tensor([True, True, True, False, True, False])

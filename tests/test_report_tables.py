@@ -117,4 +117,4 @@ def test_skipped_evaluators_are_not_counted_as_passed_checks():
     checks = [{"name": "pgd <= clean per point", "passed": True},
               {"name": "certified applicable", "passed": True, "skipped": True, "detail": "skipped: l2"},
               {"name": "x", "passed": False}]
-    assert checks_line(checks) == "- checks: 1 of 2 passed; 1 not applicable to this model (marked skip)"
+    assert checks_line(checks) == "- checks: 1 of 2 passed; 1 not run (marked skip: not applicable or an input missing)"

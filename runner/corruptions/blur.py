@@ -8,7 +8,6 @@ sub-pixel size and the severities stay ordered; above 32 pixels the lengths them
 
 import math
 
-import numpy as np
 import torch
 
 from runner.corruptions import ops
@@ -44,30 +43,48 @@ def defocus_blur(x, level, rng, scale):
 
 
 def glass_blur(x, level, rng, scale):
-    """Gaussian blur, then every interior pixel, scanned from the bottom-right corner, swaps with a
-    random neighbour shifted by [−shift, shift − 1] per axis (numpy randint excludes +shift: up/left),
-    `passes` times, then blur again. The scan is sequential by nature (a pixel can be carried along),
-    so it runs as a loop over positions that is vectorised over the batch, on index permutations."""
+    """Gaussian blur, then make_cifar_c.py's pixel shuffle `passes` times, then blur again.
+
+    The reference scans every interior pixel from the bottom-right corner (rows, then columns, both
+    descending) and runs `x[h, w], x[h', w'] = x[h', w'], x[h, w]` with (h', w') shifted by
+    [−shift, shift − 1] per axis (numpy randint excludes +shift). On an H×W×3 array both right-hand
+    sides are views, so the line copies x[h', w'] into x[h, w] and leaves x[h', w'] as it was (numpy
+    issue #14428): not a swap. CIFAR-10-C and ImageNet-C were generated that way; so is this.
+
+    Copies in sequence: a pixel takes its neighbour's value at the moment of its own step, which is the
+    neighbour's new value when the neighbour was scanned earlier in the same pass. Each scanned pixel
+    therefore points either at an earlier-scanned pixel (take its result) or at a pixel not yet written
+    (take its value from before the pass); the chains are resolved by pointer doubling, vectorised over
+    the batch and the image, instead of a Python loop over pixels."""
     sigma, max_shift, passes = level
     sigma, max_shift = sigma * scale, max(1, round(max_shift * scale))
     x = ops.gaussian_blur(x, sigma, truncate=4.0, mode="edge")
     n, c, h, w = x.shape
-    rows, cols = range(h - max_shift, max_shift, -1), range(w - max_shift, max_shift, -1)
-    positions = np.array([row * w + col for row in rows for col in cols], dtype=np.int64)
-    permutation = np.tile(np.arange(h * w), (n, 1))
-    batch = np.arange(n)
+    device = x.device
+    rows = torch.arange(h - max_shift, max_shift, -1, device=device)
+    cols = torch.arange(w - max_shift, max_shift, -1, device=device)
+    positions = (rows[:, None] * w + cols[None, :]).flatten()  # flat pixel index, in scan order
+    steps = len(positions)
+    scan_step = torch.full((h * w,), steps, dtype=torch.int64, device=device)  # `steps`: never written
+    scan_step[positions] = torch.arange(steps, device=device)
+    own_step = torch.arange(steps, device=device).expand(n, steps)
+    source = torch.arange(h * w, device=device).expand(n, h * w).clone()  # pixel i holds original source[i]
+    doublings = max(steps - 1, 1).bit_length()  # a chain has at most steps - 1 links
     for pass_index in range(passes):
         # One 32-bit draw per position: its two 16-bit halves give the row and column shifts.
-        bits = rng.bits(pass_index, (len(positions),)).cpu().numpy()
+        bits = rng.bits(pass_index, (steps,)).to(device)
         shift_rows = (bits & 0xFFFF) % (2 * max_shift) - max_shift
         shift_cols = (bits >> 16) % (2 * max_shift) - max_shift
-        partners = positions[None, :] + shift_rows * w + shift_cols  # (n, positions)
-        for k, position in enumerate(positions):
-            partner = partners[:, k]
-            mine = permutation[:, position].copy()
-            permutation[:, position] = permutation[batch, partner]
-            permutation[batch, partner] = mine
-    index = torch.from_numpy(permutation).to(x.device).view(n, 1, h * w).expand(n, c, h * w)
+        partners = positions + shift_rows * w + shift_cols  # (n, steps)
+        partner_step = scan_step[partners]
+        # A partner scanned earlier in this pass was already overwritten: link to its step. Otherwise
+        # (not scanned yet, never scanned, or the pixel itself) the chain ends at its pre-pass value.
+        link = torch.where(partner_step < own_step, partner_step, own_step)
+        value_at_end = source.gather(1, partners)
+        for _ in range(doublings):
+            link = link.gather(1, link)
+        source.scatter_(1, positions.expand(n, steps), value_at_end.gather(1, link))
+    index = source.view(n, 1, h * w).expand(n, c, h * w)
     x = x.reshape(n, c, h * w).gather(2, index).view(n, c, h, w)
     return ops.gaussian_blur(x, sigma, truncate=4.0, mode="edge")
 

@@ -3,10 +3,15 @@ severities, regenerated here with CIFAR-10-C's constants (`runner.corruptions`),
 baseline run (usually ERM) when its results.json is given.
 
 mCE as in the paper: CE_c = Σ_s err(c, s) / Σ_s err_baseline(c, s), mCE = mean_c CE_c; relative mCE
-uses the errors above each model's clean error. Numbers are comparable only between runs evaluated
-on the same examples with the same corruption seed; the check "corruption baseline comparable" says so.
+uses the errors above each model's clean error. Every error in these ratios must come from the same
+points: with `n_examples` set, only the first n evaluation points are corrupted, so each run records
+its clean accuracy on exactly those points (`corruption/clean_acc`, beside the suite's `clean/acc` on
+all of them) and a fingerprint of the points; relative mCE uses the baseline's `corruption/clean_acc`.
+Numbers are comparable only between runs evaluated on the same points with the same corruption seed;
+the check "corruption baseline comparable" says whether they were.
 """
 
+import hashlib
 import json
 import math
 import time
@@ -24,10 +29,22 @@ KEYS = {"name", "severities", "corruptions", "seed", "baseline", "n_examples"}
 # 76 forward passes took 20 s with 2 threads on a loaded 2-core machine and well under 1 s with one.
 SMALL_INPUT = 2**16
 CONSTANTS = "CIFAR-10-C (Hendrycks & Dietterich 2019, make_cifar_c.py); frost texture synthesised"
+CLEAN_KEY = "corruption/clean_acc"  # clean accuracy on the corrupted points (clean/acc may cover more)
+# Settings two runs must share for their corruption errors to be compared (mCE against a baseline).
+COMPARED_SETTINGS = ("seed", "n_examples", "regenerated", "image_size", "points_sha256")
 
 
 def condition_key(name: str, severity: int) -> str:
     return f"corruption/{name}/sev{severity}/acc"
+
+
+def points_fingerprint(x: torch.Tensor, y: torch.Tensor) -> str:
+    """SHA-256 (first 16 hex digits) of the images, as float32, and the labels: equal for two runs
+    evaluated on the same points, whatever their device or batch size."""
+    digest = hashlib.sha256()
+    digest.update(x.detach().float().cpu().contiguous().numpy().tobytes())
+    digest.update(y.detach().long().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _spec_error(key: str, message: str) -> ValueError:
@@ -111,6 +128,7 @@ class Corruptions(Evaluator):
         common = {
             "regenerated": True, "constants": CONSTANTS, "seed": seed, "n_examples": n,
             "image_size": list(x.shape[-2:]), "working_factor": working_factor(*x.shape[-2:]),
+            "points_sha256": points_fingerprint(x, y),
         }
         result = EvalResult()
 
@@ -121,6 +139,7 @@ class Corruptions(Evaluator):
                 settings["ci95"] = mean_interval(per_example)
             result.settings[key] = settings
 
+        put(CLEAN_KEY, clean.mean())
         for (name, severity), hits in correct.items():
             put(condition_key(name, severity), hits.mean(), corruption=name, severity=severity)
         for name in self.corruptions:
@@ -143,6 +162,12 @@ class Corruptions(Evaluator):
             for key, value in mce_metrics.items():
                 put(key, value, baseline=str(self.baseline_path), baseline_run=baseline["run"])
             result.checks += checks
+        else:
+            result.checks.append({
+                "name": "corruption mCE against a baseline", "passed": True, "skipped": True,
+                "detail": "mCE not computed: no baseline run given (corruptions.baseline=<run dir or its "
+                          "results.json> in the corruptions entry of eval.evaluators)",
+            })
         if ctx.run_dir is not None:  # drawn with the report, from the results (runner.plots)
             result.settings["corruption/mean_acc"]["plot"] = CORRUPTION_FILE
         return result
@@ -178,9 +203,11 @@ def load_baseline(path: Path, corruptions: list, severities: list) -> dict:
     if missing:
         raise _spec_error("baseline", f"{path} lacks {len(missing)} corruption metrics, e.g. {missing[0]!r}: "
                                       "evaluate the baseline with the same corruptions and severities first")
+    # The clean error on the baseline's corrupted points, never its clean/acc: that one covers every
+    # evaluation point, the corrupted ones only the first corruptions.n_examples.
     return {
         "errors": {(c, s): 1 - metrics[condition_key(c, s)] for c in corruptions for s in severities},
-        "clean_error": 1 - metrics["clean/acc"] if "clean/acc" in metrics else None,
+        "clean_error": 1 - metrics[CLEAN_KEY] if CLEAN_KEY in metrics else None,
         "settings": results.get("eval", {}).get("corruption/mean_acc", {}),
         "run": results.get("run", {}),
     }
@@ -212,7 +239,7 @@ def corruption_errors(errors, clean_error, baseline, corruptions, severities, co
         metrics["corruption/relative_mce"] = sum(relative) / len(relative)
     details = [f"baseline made no error on {skipped}: CE undefined there, left out of mCE"] if skipped else []
     if baseline["clean_error"] is None:
-        details.append("baseline has no clean/acc: relative CE not computed")
+        details.append(f"baseline has no {CLEAN_KEY}: relative CE not computed")
     elif relative_skipped:
         details.append(f"baseline no worse than clean on {relative_skipped}: relative CE undefined there, "
                        "relative mCE not reported")
@@ -221,14 +248,19 @@ def corruption_errors(errors, clean_error, baseline, corruptions, severities, co
         "detail": "; ".join(details) or f"CE and relative CE defined for all {len(corruptions)} corruptions",
     })
     theirs = baseline["settings"]
-    differences = [
-        f"{key}: baseline {theirs.get(key)!r} vs {common[key]!r}"
-        for key in ("seed", "n_examples", "regenerated", "image_size")
-        if theirs.get(key) != common[key]
-    ]
+    differences = []
+    if baseline["clean_error"] is None:
+        differences.append(f"baseline lacks {CLEAN_KEY} (its clean accuracy on the corrupted points; "
+                           "evaluated before it was recorded?): re-evaluate the baseline")
+    for key in COMPARED_SETTINGS:
+        if key not in theirs:
+            differences.append(f"{key}: baseline has none, ours {common[key]!r}")
+        elif theirs[key] != common[key]:
+            other_points = " (other points)" if key == "points_sha256" else ""
+            differences.append(f"{key}: baseline {theirs[key]!r} vs ours {common[key]!r}{other_points}")
     checks.append({
         "name": "corruption baseline comparable", "passed": not differences,
-        "detail": "; ".join(differences) or "same examples, corruption seed and regenerated sets",
+        "detail": "; ".join(differences) or "same points, corruption seed and regenerated sets",
     })
     return metrics, checks
 
