@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 @dataclass(frozen=True)
@@ -61,14 +62,20 @@ def detect() -> Processes:
 
 def setup(device: torch.device) -> tuple[Processes, torch.device]:
     """Join the process group when launched with several processes; returns this rank's device
-    (cuda:LOCAL_RANK on GPUs)."""
+    (cuda:LOCAL_RANK on GPUs). A GPU run's device becomes the current CUDA device, also in a single process
+    (device=cuda:1): what the checkpointed CUDA RNG state and pyautoattack's seeding refer to."""
     procs = detect()
+    if device.type == "cuda" and procs.enabled:
+        if device.index is not None:
+            raise ValueError(
+                f"device={device} puts all {procs.world_size} processes on one GPU (WORLD_SIZE="
+                f"{procs.world_size}); use device=cuda (or auto): each process then takes cuda:LOCAL_RANK"
+            )
+        device = torch.device("cuda", procs.local_rank % torch.cuda.device_count())
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if not procs.enabled:
         return procs, device
-    if device.type == "cuda":
-        if device.index is None:
-            device = torch.device("cuda", procs.local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=procs.rank, world_size=procs.world_size)
@@ -82,10 +89,13 @@ def after_training(procs: Processes) -> None:
     """Called by every process when training is over. Rank 0 then evaluates alone (no collective) while the
     others wait for it in `teardown`, on a group of their own: the default group's timeout (30 min on gloo,
     10 on NCCL) is shorter than an AutoAttack evaluation, and a rank that left early can abort on exit
-    (gloo's threads), which makes torchrun stop rank 0 mid-evaluation."""
+    (gloo's threads), which makes torchrun stop rank 0 mid-evaluation. The group is gloo's whatever the
+    default backend: an NCCL group sets up its communicator at its first collective, and ranks > 0 would
+    then wait for rank 0's NCCL id under the store's default timeout while rank 0 evaluates
+    (pytorch#107177); a gloo barrier is a CPU barrier that honours the group's own timeout."""
     global _final_group
     if procs.enabled and dist.is_initialized():
-        _final_group = dist.new_group(timeout=datetime.timedelta(days=7))
+        _final_group = dist.new_group(timeout=datetime.timedelta(days=7), backend="gloo")
 
 
 def teardown(procs: Processes, finished: bool = True) -> None:
@@ -97,7 +107,9 @@ def teardown(procs: Processes, finished: bool = True) -> None:
         if _final_group is not None:
             dist.barrier(group=_final_group)
         elif finished:
-            dist.barrier()
+            # NCCL needs to know this rank's GPU (else it guesses, and may pick another rank's).
+            on_gpu = dist.get_backend() == "nccl"
+            dist.barrier(device_ids=[torch.cuda.current_device()] if on_gpu else None)
         _final_group = None
         dist.destroy_process_group()
 
@@ -124,13 +136,17 @@ def wrap_model(model: nn.Module, procs: Processes, device: torch.device) -> nn.M
 
 @torch.no_grad()
 def average_buffers(model: nn.Module, procs: Processes) -> None:
-    """Mean of the floating-point buffers (BatchNorm running statistics) over all processes."""
+    """Mean of the BatchNorm running statistics over all processes. Only those: other buffers are
+    constants every process holds alike (Normalize's mean and std), which a sum and a division by 3, 6 or
+    7 would move by an ulp; num_batches_tracked counts the same steps on every process."""
     if not procs.enabled:
         return
-    for buffer in model.buffers():
-        if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            buffer.div_(procs.world_size)
+    for module in model.modules():
+        if isinstance(module, _BatchNorm):
+            for buffer in (module.running_mean, module.running_var):
+                if buffer is not None:  # track_running_stats=False
+                    dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
+                    buffer.div_(procs.world_size)
 
 
 def _flag_device():

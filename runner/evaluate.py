@@ -11,6 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from runner.evaluators.base import EvalContext
+from runner.precision import EVAL_PRECISION, exact_fp32
 from runner.tracking import log
 
 WILSON = "Wilson score interval (binomial, n independent test points)"
@@ -105,13 +106,18 @@ def examples_description(cfg, n: int) -> str:
     return f"first {n} of the {cfg.dataset.name} test split (fixed order, independent of every seed)"
 
 
+@exact_fp32()  # certificates and attacks in IEEE fp32, not TF32 (runner/precision.py)
 def evaluate(model, cfg, x, y, device, run_dir: Path | None, model_source: str | None = None,
              info: dict | None = None) -> dict:
     """Returns {"metrics", "eval", "checks", "skipped"} for results.json and, when run_dir is set, writes
     report.md and the plots there (`model_source`: which checkpoint the numbers are of, for its header;
     `info`: results.json's other sections — run, train, env, eval_threat... — for the header, else the
-    config and this process say what they can). The model is put in eval mode (fp32)."""
-    model = model.float().eval()
+    config and this process say what they can). The model is put in eval mode (fp32), and every evaluator
+    runs with TF32 and cuDNN autotuning off (`exact_fp32`)."""
+    # A channels-last model (train.channels_last) is evaluated in the default layout: evaluators and attack
+    # packages flatten gradients and perturbations with .view, which channels-last tensors refuse, and IEEE
+    # fp32 convolutions gain little from the layout.
+    model = model.float().eval().to(memory_format=torch.contiguous_format)
     x, y = evaluation_subset(x, y, cfg.eval.n_examples)
     x, y = x.to(device), y.to(device)
     ctx = EvalContext(
@@ -204,7 +210,8 @@ def environment(device) -> dict:
         )
     except (OSError, subprocess.SubprocessError):
         git = None
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "git": git}
+    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device), "git": git,
+           "eval_precision": EVAL_PRECISION}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env

@@ -92,16 +92,24 @@ def selection_key(val) -> list[float]:
 
 
 def rng_state() -> dict:
+    """The CPU generator's state and, on a GPU, this process's device's only (`distributed.setup` makes the
+    run's device current): one state per visible GPU would not restore where fewer GPUs are visible."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state(torch.cuda.current_device())
     return state
 
 
 def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    # A GPU run has put its model on the device by now; a CPU run leaves CUDA uninitialised (and unused).
+    if "cuda" in state and torch.cuda.is_available() and torch.cuda.is_initialized():
+        device, cuda = torch.cuda.current_device(), state["cuda"]
+        if isinstance(cuda, list | tuple):  # older checkpoints: one state per GPU visible when saved
+            if device >= len(cuda):
+                return
+            cuda = cuda[device]
+        torch.cuda.set_rng_state(cuda, device)
 
 
 def rng_of_process(state: dict, procs) -> dict:

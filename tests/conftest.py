@@ -1,10 +1,40 @@
+import itertools
 import os
+import re
 
 import pytest
 
 # Tests run on a loaded 2-core machine next to other jobs; one thread per test process keeps them steady.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def selects_gpu_tests(markexpr: str) -> bool:
+    """Whether a `-m` expression selects tests *because* they are marked gpu: some choice of the other marks
+    it names makes it true with `gpu` and false without ("gpu", "slow and gpu"; not "not gpu", nor "")."""
+    from _pytest.mark.expression import Expression  # what pytest's own -m evaluates with
+
+    if not markexpr.strip():
+        return False
+    expression = Expression.compile(markexpr)
+    others = sorted(set(re.findall(r"[\w.:+\-\[\]]+", markexpr)) - {"and", "or", "not", "gpu"})
+
+    def selected(marks) -> bool:
+        return expression.evaluate(lambda name, /, **kwargs: name in marks)
+
+    for chosen in itertools.product([False, True], repeat=len(others)):
+        marks = {name for name, on in zip(others, chosen) if on}
+        if selected(marks | {"gpu"}) and not selected(marks):
+            return True
+    return False
+
+
+def pytest_configure(config):
+    """CPU runs (the default `-m 'not gpu'`) hide the GPUs before anything initialises CUDA: with device=auto
+    a test would otherwise train on a GPU, compare CUDA tensors with CPU-loaded checkpoints, and meet
+    cuDNN's nondeterminism in bit-exact checks. Subprocesses (torchrun tests) inherit the hiding."""
+    if not selects_gpu_tests(config.option.markexpr or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @pytest.fixture
@@ -70,7 +100,9 @@ def pytest_collection_modifyitems(config, items):
 
     if torch.cuda.is_available():
         return
-    no_cuda = pytest.mark.skip(reason="needs CUDA (none on this machine)")
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == "" and not selects_gpu_tests(config.option.markexpr or "")
+    no_cuda = pytest.mark.skip(reason="needs CUDA (hidden unless -m selects gpu tests)" if hidden
+                               else "needs CUDA (none on this machine)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(no_cuda)

@@ -364,15 +364,19 @@ def test_tightness_numerator_matches_the_input_gradient():
 
 @pytest.mark.gpu
 def test_bounds_run_on_cuda():
+    """Under the exact-fp32 context certification runs in (TF32 would differ from the CPU by ~1e-3)."""
+    from runner.precision import exact_fp32
+
     model = make_net("batch_norm").cuda()
     x, y = (t.cuda() for t in inputs())
-    for method in bounds.METHODS:
-        lower = bounds.margin_lower_bounds(model, x, y, 0.05, method=method)
-        assert lower.device.type == "cuda"
-        torch.testing.assert_close(
-            lower.cpu(), bounds.margin_lower_bounds(model.cpu(), x.cpu(), y.cpu(), 0.05, method=method)
-        )
-        model.cuda()
+    with exact_fp32():
+        for method in bounds.METHODS:
+            lower = bounds.margin_lower_bounds(model, x, y, 0.05, method=method)
+            assert lower.device.type == "cuda"
+            torch.testing.assert_close(
+                lower.cpu(), bounds.margin_lower_bounds(model.cpu(), x.cpu(), y.cpu(), 0.05, method=method)
+            )
+            model.cuda()
 
 
 def test_full_crown_refines_intervals_after_two_mixing_layers_without_a_relu():

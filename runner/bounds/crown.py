@@ -40,7 +40,7 @@ def _conv_transpose(layer: nn.Conv2d, coeffs: torch.Tensor, in_shape) -> torch.T
     back = F.conv_transpose2d(
         flat, layer.weight, None, layer.stride, padding, output_padding, layer.groups, layer.dilation
     )
-    return back.view(batch, rows, *in_shape)
+    return back.reshape(batch, rows, *in_shape)
 
 
 def dense_convolutions(layers, in_shapes) -> dict:
@@ -56,7 +56,7 @@ def dense_convolutions(layers, in_shapes) -> dict:
             continue
         basis = torch.eye(n_in, dtype=layer.weight.dtype, device=layer.weight.device).view(n_in, *in_shape)
         conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
-        dense[index] = F.conv2d(basis, layer.weight, None, **conv).view(n_in, n_out).t()
+        dense[index] = F.conv2d(basis, layer.weight, None, **conv).reshape(n_in, n_out).t()
     return dense
 
 

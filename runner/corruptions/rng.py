@@ -2,7 +2,8 @@
 
 A stateful generator (torch.Generator) makes image i's noise depend on how many images came before it in
 the batch; hashing counters does not. Image i of a set always gets the same corruption whether it is
-corrupted alone, in a batch of 7 or in the full test set, on CPU or GPU (integer hashing is exact).
+corrupted alone, in a batch of 7 or in the full test set, on CPU or GPU (integer hashing is exact; Poisson
+samples are drawn on the CPU).
 
 The bit mixer is Wellons' "lowbias32" 32-bit integer hash (shifts 16/15/16), evaluated in int64 with the
 multiplications split into 16-bit halves so that no intermediate value overflows on any device.
@@ -97,12 +98,14 @@ class ImageStreams:
         torch has no Poisson sampler driven by counters, and an exact vectorised one (inversion plus
         transformed rejection) ran ~30× slower than torch.poisson on CPU; so this is the one per-image
         loop: torch.poisson with a generator seeded by the image's own key, which keeps every sample
-        independent of the rest of the batch.
+        independent of the rest of the batch. The samples are always drawn on the CPU (a CUDA generator
+        gives other numbers from the same seed) and moved to the rate's device: the same corruption on
+        either device.
         """
         seeds = combine(self.image_keys, draw).tolist()
-        rate = rate.double()
-        out = torch.empty_like(rate)
+        rate_cpu = rate.double().cpu()
+        out = torch.empty_like(rate_cpu)
         for i, seed in enumerate(seeds):
-            generator = torch.Generator(device=rate.device).manual_seed(seed)
-            out[i] = torch.poisson(rate[i], generator=generator)
-        return out
+            generator = torch.Generator().manual_seed(seed)
+            out[i] = torch.poisson(rate_cpu[i], generator=generator)
+        return out.to(rate.device)
