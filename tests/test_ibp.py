@@ -83,12 +83,19 @@ def test_eps_schedule_warmup_ramp_and_plateau(ramp):
 
 def test_kappa_schedules():
     shi = run_cfg(kappa="shi", warmup_epochs=1, ramp_epochs=4).method
-    assert ibp.kappa_at(3, SPE, shi, 0.0) == 1.0 and ibp.kappa_at(13, SPE, shi, 0.01) == 0.0
+    assert ibp.kappa_at(3, SPE, shi, 0.0, EPS) == 1.0 and ibp.kappa_at(13, SPE, shi, 0.01, EPS) == 0.0
     gowal = run_cfg(kappa="gowal", kappa_start=1.0, kappa_end=0.5, warmup_epochs=1, ramp_epochs=4).method
-    assert ibp.kappa_at(5, SPE, gowal, 0.0) == 1.0
+    assert ibp.kappa_at(5, SPE, gowal, 0.0, EPS) == 1.0
     for step in range(10, 50):
-        assert math.isclose(ibp.kappa_at(step, SPE, gowal, 0.05), 1.0 - 0.5 * (step - 9) / 40)
-    assert ibp.kappa_at(80, SPE, gowal, EPS) == 0.5
+        assert math.isclose(ibp.kappa_at(step, SPE, gowal, 0.05, EPS), 1.0 - 0.5 * (step - 9) / 40)
+    assert ibp.kappa_at(80, SPE, gowal, EPS, EPS) == 0.5
+    # CROWN-IBP's train.py: kappa = (max_eps - eps * (1 - final_kappa)) / max_eps, on the smoothed eps.
+    follows_eps = run_cfg(kappa="eps", kappa_start=1.0, kappa_end=0.5, warmup_epochs=1, ramp_epochs=4).method
+    for step in range(0, 60):
+        eps_t = ibp.eps_at(step, SPE, follows_eps, EPS)
+        assert math.isclose(ibp.kappa_at(step, SPE, follows_eps, eps_t, EPS), (EPS - eps_t * (1 - 0.5)) / EPS)
+    mid_ramp = ibp.eps_at(19, SPE, follows_eps, EPS)  # a quarter of the ramp: eps is still small, kappa near 1
+    assert ibp.kappa_at(19, SPE, follows_eps, mid_ramp, EPS) > ibp.kappa_at(19, SPE, gowal, mid_ramp, EPS) + 0.05
 
 
 def test_crown_ibp_beta_follows_the_eps_ramp():

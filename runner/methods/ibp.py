@@ -22,9 +22,10 @@ from runner import bounds
 from runner.config import MethodConfig
 from runner.layers import Normalize
 from runner.methods.base import Method
+from runner.precision import exact_fp32
 
 RAMPS = ("smooth", "linear")
-KAPPAS = ("shi", "gowal")
+KAPPAS = ("shi", "gowal", "eps")
 SMOOTH_MID = 0.25  # auto_LiRPA / CROWN-IBP SmoothedScheduler: polynomial up to 25% of the ramp
 SMOOTH_POWER = 4.0
 
@@ -36,7 +37,9 @@ class Config(MethodConfig):
     ramp_epochs: float = 40.0  # epochs over which eps_t grows from 0 to eps_train
     ramp: str = "smooth"  # smooth (Gowal, CROWN-IBP, Shi) | linear
     eps_factor: float = 1.3  # eps_train = eps_factor · threat.eps (Gowal CIFAR, CROWN-IBP: 1.1; Shi: 1.0)
-    kappa: str = "gowal"  # shi: clean CE while eps_t = 0, then robust only | gowal: kappa_start -> kappa_end
+    # shi: clean CE while eps_t = 0, then robust only | gowal: kappa_start -> kappa_end linearly over the ramp
+    # | eps: the same ends, following eps_t / eps_train (CROWN-IBP's train.py; it differs from gowal mid-ramp)
+    kappa: str = "gowal"
     kappa_start: float = 1.0
     kappa_end: float = 0.5
     ibp_init: bool = True  # Shi et al.: weights ~ N(0, 2π/fan_in²) except the last layer's
@@ -71,9 +74,12 @@ def eps_at(step: int, steps_per_epoch: int, m, eps_train: float) -> float:
     return eps_train * min(1.0, shaped)
 
 
-def kappa_at(step: int, steps_per_epoch: int, m, eps_t: float) -> float:
+def kappa_at(step: int, steps_per_epoch: int, m, eps_t: float, eps_train: float) -> float:
     if m.kappa == "shi":
         return 1.0 if eps_t == 0 else 0.0
+    if m.kappa == "eps":
+        fraction = eps_t / eps_train if eps_train > 0 else 1.0
+        return m.kappa_start + (m.kappa_end - m.kappa_start) * fraction
     fraction = ramp_fraction(step, steps_per_epoch, m.warmup_epochs, m.ramp_epochs)
     return m.kappa_start + (m.kappa_end - m.kappa_start) * fraction
 
@@ -181,7 +187,7 @@ class IBP(Method):
         m = self.cfg.method
         eps_train = m.eps_factor * ctx.eps
         eps_t = eps_at(ctx.step, ctx.steps_per_epoch, m, eps_train)
-        kappa = kappa_at(ctx.step, ctx.steps_per_epoch, m, eps_t)
+        kappa = kappa_at(ctx.step, ctx.steps_per_epoch, m, eps_t, eps_train)
         logs = {"eps_t": eps_t, "kappa": kappa}
         loss, bn_stats = x.new_zeros(()), {}
         # The clean pass serves the clean CE (kappa > 0) and BatchNorm's batch statistics, which the bounds
@@ -221,6 +227,7 @@ class IBP(Method):
         return loss, logs
 
     @torch.no_grad()
+    @exact_fp32()  # a TF32 bound could certify a point fp32 does not: best.pt is chosen on these
     def validate(self, model, x, y, ctx):
         """IBP-certified accuracy at threat.eps on the validation split (what best.pt maximises)."""
         clean, certified, tight = [], [], []
