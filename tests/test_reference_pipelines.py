@@ -148,3 +148,38 @@ def test_hr_preset_is_the_at_preset_but_for_the_method(compose_cfg):
     assert at == hr
     assert {k for k in at_method.keys() | hr_method.keys() if at_method.get(k) != hr_method.get(k)} == {
         "name", "alpha", "r"}
+
+
+def _bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 10)).train()
+
+
+@pytest.mark.parametrize("method_name, overrides, reference_order", [
+    ("trades", [], ["clean", "adv", "clean"]),  # yaodongyu/TRADES trades_loss: CE(f(x)), f(x'), f(x) again
+    ("at", ["method.clean_bn_pass=true"], ["adv", "clean"]),  # Rice et al.: the step, then f(x) for logging
+    ("at", [], ["adv"]),  # Madry et al.
+    ("hr", ["method.clean_bn_pass=true", "method.alpha=0.05", "method.r=0.1"], ["adv", "clean"]),
+])
+def test_batch_norm_statistics_see_the_references_forward_passes(compose_cfg, method_name, overrides,
+                                                                 reference_order):
+    """The evaluated model normalises with BN's running statistics: they must see the clean and adversarial
+    batches the reference's loop forwards in train mode, in its order (the gradient is unaffected)."""
+    from runner.methods import build_method
+    from runner.methods.base import StepContext
+
+    method = build_method(compose_cfg(f"+method={method_name}", *overrides))
+    x, y = torch.rand(8, 1, 8, 8), torch.arange(8)
+    x_adv = (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
+    method.adversarial = lambda *args, **kwargs: x_adv  # the attack's own passes are not the question
+    model, reference = _bn_model(), _bn_model()
+    method.loss(model, x, y, StepContext(0, 0, 10, 100, "linf", 0.1))
+    with torch.no_grad():
+        for batch in reference_order:
+            reference(x if batch == "clean" else x_adv)
+    for ours, theirs in zip(model.modules(), reference.modules()):
+        if isinstance(ours, torch.nn.BatchNorm2d):
+            assert torch.equal(ours.running_mean, theirs.running_mean)
+            assert torch.equal(ours.running_var, theirs.running_var)
+            assert ours.num_batches_tracked == theirs.num_batches_tracked == len(reference_order)

@@ -9,13 +9,17 @@ import torch.nn.functional as F
 
 from runner.attacks import model_mode, pgd
 from runner.config import AttackConfig, MethodConfig
-from runner.methods.base import Method
+from runner.methods.base import Method, clean_batch_norm_pass
 
 
 @dataclass
 class Config(MethodConfig):
     name: str = "at"
     attack: AttackConfig = field(default_factory=AttackConfig)
+    # One more, gradient-free, train-mode forward of the clean batch per step, for BatchNorm's running
+    # statistics: Rice et al.'s loop (and Rice_HR.py) runs it after each step to log training accuracy, so
+    # their evaluated models normalise with partly clean statistics. Madry et al.'s does not.
+    clean_bn_pass: bool = False
 
 
 class AT(Method):
@@ -38,6 +42,8 @@ class AT(Method):
         x_adv = self.adversarial(model, x, y, ctx)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
+        if self.cfg.method.clean_bn_pass:
+            clean_batch_norm_pass(model, x)
         return loss, {"loss": loss.detach(), "train_robust_acc": (logits.argmax(1) == y).float().mean()}
 
 

@@ -20,6 +20,18 @@ class StepContext:
     reuse_attack: bool = False  # SAM's second pass with method.sam_attack=reuse (see Method.reusable_attack)
 
 
+def clean_batch_norm_pass(model: nn.Module, x: torch.Tensor) -> None:
+    """A gradient-free train-mode forward of the clean batch, for its effect on BatchNorm's running
+    statistics alone. Reference loops that run one (TRADES computes the clean logits twice; Rice et al.'s
+    loop logs training accuracy after each step) leave running statistics that are partly clean, and the
+    evaluated model normalises with them. Nothing to do without running statistics."""
+    if model.training and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
+    ):
+        with torch.no_grad():
+            model(x)
+
+
 class Method:
     """A training method: a loss on one batch. The update rule (plain or SAM) wraps it.
 
