@@ -74,10 +74,10 @@ def test_eps_schedule_warmup_ramp_and_plateau(ramp):
     eps_train = 1.1 * EPS
     assert all(ibp.eps_at(step, SPE, m, eps_train) == 0.0 for step in range(20))  # 2 warm-up epochs
     for step in range(20, 70):
-        fraction = (step - 20 + 1) / 50
+        fraction = (step - 20) / 50  # the 0-based batch index, as auto_LiRPA's SmoothedScheduler counts
         shaped = ibp.smooth_ramp(fraction) if ramp == "smooth" else fraction
         assert math.isclose(ibp.eps_at(step, SPE, m, eps_train), eps_train * shaped)
-    assert math.isclose(ibp.eps_at(69, SPE, m, eps_train), eps_train)  # the ramp's last batch reaches it
+    assert ibp.eps_at(20, SPE, m, eps_train) == 0.0 and ibp.eps_at(69, SPE, m, eps_train) < eps_train
     assert all(ibp.eps_at(step, SPE, m, eps_train) == eps_train for step in range(70, 200))
 
 
@@ -87,7 +87,7 @@ def test_kappa_schedules():
     gowal = run_cfg(kappa="gowal", kappa_start=1.0, kappa_end=0.5, warmup_epochs=1, ramp_epochs=4).method
     assert ibp.kappa_at(5, SPE, gowal, 0.0, EPS) == 1.0
     for step in range(10, 50):
-        assert math.isclose(ibp.kappa_at(step, SPE, gowal, 0.05, EPS), 1.0 - 0.5 * (step - 9) / 40)
+        assert math.isclose(ibp.kappa_at(step, SPE, gowal, 0.05, EPS), 1.0 - 0.5 * (step - 10) / 40)
     assert ibp.kappa_at(80, SPE, gowal, EPS, EPS) == 0.5
     # CROWN-IBP's train.py: kappa = (max_eps - eps * (1 - final_kappa)) / max_eps, on the smoothed eps.
     follows_eps = run_cfg(kappa="eps", kappa_start=1.0, kappa_end=0.5, warmup_epochs=1, ramp_epochs=4).method
@@ -271,7 +271,7 @@ def test_crown_ibp_loss_at_full_beta_uses_the_crown_bound():
 def test_crown_ibp_loss_mixes_the_two_bounds_with_beta_along_the_ramp():
     model, (x, y) = tiny_model().train(), batch()
     method = crown_ibp.build(run_cfg(crown_ibp, warmup_epochs=0, ramp_epochs=2, ramp="linear", reg_lambda=0.0))
-    loss, logs = method.loss(model, x, y, ctx(9))  # half-way: eps_t = eps / 2, beta 1 -> 0 gives 0.5
+    loss, logs = method.loss(model, x, y, ctx(10))  # half-way: eps_t = eps / 2, beta 1 -> 0 gives 0.5
     assert math.isclose(logs["eps_t"], EPS / 2) and math.isclose(logs["beta"], 0.5)
     _, stats = bounds.forward_with_bn_stats(model, x)
     crown = bounds.crown_margin_bounds(model, x, y, EPS / 2, bn_stats=stats, intermediate="ibp")

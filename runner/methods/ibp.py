@@ -50,14 +50,16 @@ class Config(MethodConfig):
 
 
 def ramp_fraction(step: int, steps_per_epoch: int, warmup_epochs: float, ramp_epochs: float) -> float:
-    """Fraction of the ramp completed after the batch at 0-based `step` (0 during warm-up)."""
+    """Fraction of the ramp reached at the batch with 0-based global index `step`: 0 up to and including the
+    ramp's first batch, 1 from the batch after its last, as auto_LiRPA's SmoothedScheduler and DeepMind's
+    schedules count (they evaluate the schedule at the 0-based batch index)."""
     warmup = round(warmup_epochs * steps_per_epoch)
     ramp = round(ramp_epochs * steps_per_epoch)
     if step < warmup:
         return 0.0
     if ramp <= 0:
         return 1.0
-    return min(1.0, (step - warmup + 1) / ramp)
+    return min(1.0, (step - warmup) / ramp)
 
 
 def smooth_ramp(fraction: float, mid: float = SMOOTH_MID, power: float = SMOOTH_POWER) -> float:
@@ -161,10 +163,11 @@ class IBP(Method):
     def schedule_warnings(self, steps_per_epoch, epochs):
         m = self.cfg.method
         last_step = steps_per_epoch * epochs - 1
-        if ramp_fraction(last_step, steps_per_epoch, m.warmup_epochs, m.ramp_epochs) >= 1:
-            return []
         eps_train = m.eps_factor * float(self.cfg.threat.eps)
         reached = eps_at(last_step, steps_per_epoch, m, eps_train)
+        # A run that ends with the ramp's last batch trains one step short of eps_train, as the references do.
+        if reached >= 0.99 * eps_train:
+            return []
         return [
             f"the eps ramp ends after epoch {m.warmup_epochs + m.ramp_epochs:g} (method.warmup_epochs + "
             f"method.ramp_epochs) but training stops after {epochs}: the last step trains at eps {reached:.4g}, "
