@@ -103,4 +103,5 @@ class AWPUpdate(Update):
                     # After the step: w + v - lr·u - v, the reference's order (its weight decay sees w + v).
                     # Without one (a non-finite loss, an error): the originals, bit for bit.
                     w.sub_(v) if stepped else w.copy_(original)
+        method.after_step(model, x)
         return out

@@ -132,6 +132,8 @@ def config_differences(saved: dict, current: dict, prefix: str = "", ignored=RES
         a, b = saved.get(key), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             keys += config_differences(a, b, name + ".", ignored)
+        elif key not in saved:  # a key added to the configs after the saved run was made
+            keys.append(f"{name}: (absent, an older version's config) -> {b!r}")
         elif a != b:
             keys.append(f"{name}: {a!r} -> {b!r}")
     return keys

@@ -67,6 +67,7 @@ class Update:
         loss.backward()
         logs = {**loggable(logs, loss), **self._clip(model)}
         self.optimizer.step()
+        method.after_step(model, x)
         return logs
 
     def schedule_warnings(self, epochs: int) -> list[str]:
@@ -176,6 +177,7 @@ class SAMUpdate(Update):
             return {**out, "nonfinite": 1.0}
         out.update(self._clip(model))
         self.optimizer.step()
+        method.after_step(model, x)
         return out
 
 

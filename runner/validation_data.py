@@ -54,7 +54,8 @@ def check_normalisation(d, channels: int) -> None:
         values = d.get(key)
         if values is None:
             continue
-        if isinstance(values, (int, float)) or not all(isinstance(v, (int, float)) for v in values):
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if isinstance(values, (int, float)) or not numbers:
             fail(f"dataset.{key}", values, f"must be a list of {channels} numbers, one per channel (or null)")
         if len(values) != channels:
             fail(f"dataset.{key}", list(values), f"needs one value per channel: {channels}, got {len(values)}")

@@ -420,6 +420,10 @@ def test_a_run_shorter_than_the_eps_ramp_says_so(compose_cfg, tmp_path):
     results = run(cfg, tmp_path)
     assert len(results["train"]["warnings"]) == 1 and "eps ramp ends after epoch 5" in results["train"]["warnings"][0]
     assert "WARNING" in (tmp_path / "train.log").read_text()
+    # Ending on the ramp's last batch (one step short of eps_train, as in the references) is a finished ramp.
+    short = compose_cfg("+method=ibp", "method.warmup_epochs=1", "method.ramp_epochs=1")
+    assert build_method(short).schedule_warnings(steps_per_epoch=10, epochs=2) == []
+    assert len(build_method(short).schedule_warnings(steps_per_epoch=10, epochs=1)) == 1
 
 
 # ---- the certified evaluator certifies at threat.eps, and sits under PGD per point ---------------------

@@ -543,3 +543,13 @@ def test_jobs_preparing_one_dataset_cache_download_it_once(tmp_path):
     outcomes = [results.get(timeout=5) for _ in procs]
     assert all(o == outcomes[0] for o in outcomes)
     assert sorted((tmp_path / "downloads.log").read_text().split()) == ["test.bin", "train.bin"]
+
+
+def test_config_differences_name_keys_an_older_config_lacks():
+    """Resuming a run made before a key existed says so, rather than showing the key as None."""
+    from runner.train import config_differences
+
+    saved = {"dataset": {"name": "digits"}, "seed": 0}
+    current = {"dataset": {"name": "digits", "crop_padding_mode": "zeros"}, "seed": 1}
+    assert config_differences(saved, current) == [
+        "dataset.crop_padding_mode: (absent, an older version's config) -> 'zeros'", "seed: 0 -> 1"]

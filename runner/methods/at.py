@@ -25,6 +25,14 @@ class Config(MethodConfig):
 class AT(Method):
     select_on = "pgd"
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.clean_bn_pass = bool(cfg.method.clean_bn_pass)
+
+    def after_step(self, model, x):
+        if self.clean_bn_pass:  # after the step, on the updated weights, as Rice et al.'s loop
+            clean_batch_norm_pass(model, x)
+
     def adversarial(self, model, x, y, ctx):
         """The training attack at attack.eps_factor · threat.eps, generated in `attack.bn_mode`."""
         a = self.cfg.method.attack
@@ -42,8 +50,6 @@ class AT(Method):
         x_adv = self.adversarial(model, x, y, ctx)
         logits = model(x_adv)
         loss = F.cross_entropy(logits, y)
-        if self.cfg.method.clean_bn_pass:
-            clean_batch_norm_pass(model, x)
         return loss, {"loss": loss.detach(), "train_robust_acc": (logits.argmax(1) == y).float().mean()}
 
 

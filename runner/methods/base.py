@@ -73,6 +73,10 @@ class Method:
     def setup(self, model: nn.Module) -> None:
         """Called once on a freshly built model before the first step (never on resume)."""
 
+    def after_step(self, model: nn.Module, x: torch.Tensor) -> None:
+        """Called by the update rule right after the optimizer's step on batch `x` (and after SAM's or AWP's
+        weights are back), for what a reference loop does between steps. Nothing by default."""
+
     def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: StepContext):
         """Return (scalar loss tensor, dict of floats or 0-d tensors to log)."""
         raise NotImplementedError

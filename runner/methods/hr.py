@@ -15,7 +15,6 @@ from runner import distributed
 from runner.hr import check_parameters, hr_weights, weight_stats
 from runner.methods.at import AT
 from runner.methods.at import Config as ATConfig
-from runner.methods.base import clean_batch_norm_pass
 
 
 @dataclass
@@ -47,8 +46,6 @@ class HR(AT):
         global_weights, _ = hr_weights(global_losses, self.alpha, self.r)
         weights = global_weights[start : start + len(y)] * (len(global_losses) / len(y))
         loss = (weights.to(per_example.dtype) * per_example).sum()
-        if self.cfg.method.clean_bn_pass:
-            clean_batch_norm_pass(model, x)
         return loss, {
             "loss": loss.detach(),
             "loss_mean": per_example.detach().mean(),

@@ -163,11 +163,14 @@ class IBP(Method):
     def schedule_warnings(self, steps_per_epoch, epochs):
         m = self.cfg.method
         last_step = steps_per_epoch * epochs - 1
-        eps_train = m.eps_factor * float(self.cfg.threat.eps)
-        reached = eps_at(last_step, steps_per_epoch, m, eps_train)
-        # A run that ends with the ramp's last batch trains one step short of eps_train, as the references do.
-        if reached >= 0.99 * eps_train:
+        # A run that ends with the ramp's last batch (one step short of eps_train, as in the references)
+        # has done its ramp.
+        if ramp_fraction(last_step + 1, steps_per_epoch, m.warmup_epochs, m.ramp_epochs) >= 1:
             return []
+        eps_train = m.eps_factor * float(self.cfg.threat.eps)
+        if eps_train == 0:
+            return []
+        reached = eps_at(last_step, steps_per_epoch, m, eps_train)
         return [
             f"the eps ramp ends after epoch {m.warmup_epochs + m.ramp_epochs:g} (method.warmup_epochs + "
             f"method.ramp_epochs) but training stops after {epochs}: the last step trains at eps {reached:.4g}, "
