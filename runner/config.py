@@ -80,6 +80,9 @@ class MethodConfig:
     # gradient of the composite loss; reuse keeps the first pass's adversarial batch (AWP-style), which
     # saves one whole attack per step (SAM + PGD-10 AT on cnn_small: 2.02x AT's step rerun, 1.12x reuse).
     sam_attack: str = "rerun"
+    # m-sharpness (Foret et al.): chunks of sam_m images each get their own perturbation and gradient, as
+    # their code does per accelerator (32 of 256 images on CIFAR-10); null: the whole batch (davda54/sam).
+    sam_m: int | None = None
     # AWP (Wu et al. 2020): layer-wise adversarial weight perturbation around the method's loss (runner/awp.py).
     awp: bool = False
     awp_gamma: float | None = None  # None: the method's reference value (AT 0.01, TRADES 0.005)

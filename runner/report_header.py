@@ -41,6 +41,7 @@ def update_text(update: dict | None, method: dict, dataset: dict | None) -> str 
         update = describe_update({"method": method, "dataset": dataset or {}})
     if update.get("rule") in ("sam", "asam"):
         reuse = ", attack reused" if update.get("attack") == "reuse" else ""
+        reuse += f", m={update['m']}" if isinstance(update.get("m"), int) else ""
         shape = ""
         if update.get("scale") == "weights" or update.get("eta"):
             where = "weights only" if update.get("scale") == "weights" else "every parameter"

@@ -123,6 +123,14 @@ class SAMUpdate(Update):
             raise ValueError(f"method.rho must be positive, got {self.rho}")
         self.eta = float(cfg.method.get("asam_eta", 0.0))
         self.scale_all = cfg.method.get("asam_scale", "all") == "all"
+        self.m = cfg.method.get("sam_m")
+        if self.m is not None:
+            if isinstance(self.m, bool) or not isinstance(self.m, int) or self.m < 1:
+                raise ValueError(f"method.sam_m must be a positive number of images or null, got {self.m!r}")
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                raise ValueError("method.sam_m splits one process's batch; under torchrun each process already "
+                                 "perturbs on its own share of the batch (m = global batch / processes): add "
+                                 "method.sam_m=null")
 
     def _params(self, model: nn.Module) -> list[tuple[str, torch.Tensor]]:
         return [(name, p) for name, p in model.named_parameters() if p.requires_grad and p.grad is not None]
@@ -143,14 +151,16 @@ class SAMUpdate(Update):
         # ASAM: T·(T g)·scale = T² g · ρ/‖T g‖.
         return [(s if t is None else t * s) * scale for s, t in zip(scaled, scales)]
 
-    def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
+    def _perturbed_gradient(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx):
+        """Both passes on one batch: leaves g' = ∇L(w + e) in `.grad` and w restored. Returns (logs of the
+        first pass, its loss, the perturbed loss, whether both were finite)."""
         self.optimizer.zero_grad(set_to_none=True)
         # Under DDP the first gradient is a local direction only: skip its all-reduce.
         no_sync = model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
         with no_sync:
             loss, logs = self._forward(model, method, x, y, ctx)
             if not is_finite(loss):
-                return {**loggable(logs, loss), "nonfinite": 1.0}
+                return logs, loss, loss.detach(), False
             loss.backward()
         named = self._params(model)
         perturbation = self.perturbation(named)
@@ -171,10 +181,44 @@ class SAMUpdate(Update):
             with torch.no_grad():  # copy back rather than subtract e: w + e - e can differ in the last bit
                 for p, original in zip(params, originals):
                     p.copy_(original)
-        out = {**loggable(logs, loss), "sam/loss_perturbed": second_loss.detach().float()}
+        return logs, loss, second_loss.detach(), finite
+
+    def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
+        if self.m is not None and self.m < len(y):
+            return self._m_sharpness(model, method, x, y, ctx)
+        logs, loss, second_loss, finite = self._perturbed_gradient(model, method, x, y, ctx)
+        out = {**loggable(logs, loss), "sam/loss_perturbed": second_loss.float()}
         if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             return {**out, "nonfinite": 1.0}
+        out.update(self._clip(model))
+        self.optimizer.step()
+        method.after_step(model, x)
+        return out
+
+    def _m_sharpness(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
+        """Foret et al.'s m-sharpness: each chunk of m images gets its own perturbation e_c and gradient
+        ∇L_c(w + e_c) (their code does this per accelerator); the step takes the size-weighted mean of the
+        chunks' gradients, clipped, so m = batch size is plain SAM. Logs are size-weighted means too."""
+        params = list(model.parameters())
+        total: list[torch.Tensor | None] = [None] * len(params)
+        weighted: dict = {}
+        for xc, yc in zip(x.split(self.m), y.split(self.m)):
+            logs, loss, second_loss, finite = self._perturbed_gradient(model, method, xc, yc, ctx)
+            if not finite:
+                self.optimizer.zero_grad(set_to_none=True)
+                return {**loggable(logs, loss), "sam/loss_perturbed": second_loss.float(), "nonfinite": 1.0}
+            share = len(yc) / len(y)
+            chunk_logs = {**loggable(logs, loss), "sam/loss_perturbed": second_loss.float()}
+            for key, value in chunk_logs.items():
+                weighted[key] = weighted.get(key, 0.0) + share * value
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    if p.grad is not None:
+                        total[i] = p.grad * share if total[i] is None else total[i].add_(p.grad, alpha=share)
+        for p, grad in zip(params, total):
+            p.grad = grad
+        out = {**weighted, "sam/chunks": float(-(-len(y) // self.m))}
         out.update(self._clip(model))
         self.optimizer.step()
         method.after_step(model, x)
@@ -201,6 +245,8 @@ def describe_update(cfg) -> dict:
         rule = {"rule": "asam" if adaptive else "sam", "rho": sam_rho(cfg), "attack": method.get("sam_attack", "rerun")}
         if adaptive:
             rule.update(eta=float(method.get("asam_eta", 0.0)), scale=method.get("asam_scale", "all"))
+        # Images per perturbation: m-sharpness when set, else the whole batch (per process under torchrun).
+        rule["m"] = method.get("sam_m") or "batch"
         return rule
     if method.get("awp", False):
         from runner.awp import awp_gamma

@@ -128,6 +128,8 @@ def check_method(cfg) -> None:
     if method.get("rho") is not None:
         positive("method.rho", method.rho)
     one_of("method.sam_attack", method.get("sam_attack", "rerun"), SAM_ATTACKS)
+    if method.get("sam_m") is not None:
+        at_least("method.sam_m", method.sam_m, 1, ">= 1 (images per SAM perturbation; null: the whole batch)")
     one_of("method.asam_scale", method.get("asam_scale", "all"), ASAM_SCALES)
     at_least("method.asam_eta", method.get("asam_eta", 0.0), 0)
     if not (method.get("sam", False) and method.get("adaptive", False)):
@@ -136,7 +138,7 @@ def check_method(cfg) -> None:
                 fail(f"method.{key}", method.get(key), "has no effect: it shapes ASAM's perturbation; turn ASAM "
                      "on with method.adaptive=true (and method.sam=true, or +method=sam)")
     if not method.get("sam", False):
-        for key, default in (("rho", None), ("adaptive", False), ("sam_attack", "rerun")):
+        for key, default in (("rho", None), ("adaptive", False), ("sam_attack", "rerun"), ("sam_m", None)):
             if method.get(key, default) != default:
                 fail(f"method.{key}", method.get(key), f"has no effect: SAM is off for method={method.name} "
                       f"(method.sam=false); turn it on with method.sam=true, or use +method=sam")

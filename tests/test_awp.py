@@ -193,7 +193,8 @@ def test_cpu_run_records_the_resolved_rule_in_results_and_report(compose_cfg, tm
     assert json.loads((tmp_path / "run" / "results.json").read_text())["run"]["update"]["rule"] == "awp"
     assert "AWP gamma=0.005" in (tmp_path / "run" / "report.md").read_text()
     plain = run(compose_cfg("+method=sam", *fast[:2], *fast[3:]), tmp_path / "sam")
-    assert plain["run"]["update"] == {"rule": "sam", "rho": 0.15, "attack": "rerun"}  # digits' rho, not null
+    # digits' rho, not null; the whole batch per perturbation
+    assert plain["run"]["update"] == {"rule": "sam", "rho": 0.15, "attack": "rerun", "m": "batch"}
     assert "SAM rho=0.15" in (tmp_path / "sam" / "report.md").read_text()
 
 

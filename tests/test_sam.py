@@ -338,3 +338,54 @@ def test_asam_settings_are_checked(compose_cfg, tmp_path, overrides, key):
 
     with pytest.raises(ConfigError, match=key):
         run(compose_cfg(*overrides), tmp_path)
+
+
+def test_m_sharpness_perturbs_each_chunk_on_its_own_gradient():
+    """Foret et al.'s m-sharpness, by hand: per chunk c, e_c = rho g_c / ||g_c|| from the chunk's own
+    gradient, g'_c = grad L_c(w + e_c); the step uses the size-weighted mean of the g'_c."""
+    x, y = batch(n=20)
+    rho, lr = 0.3, 0.1
+    config = cfg(rho=rho)
+    config.method.sam_m = 8  # chunks of 8, 8 and 4
+    model = tiny_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    reference = copy.deepcopy(model)
+    logs = build_update(config, model, optimizer)(model, RecordingCE(), x, y, CTX)
+    assert logs["sam/chunks"] == 3.0
+    expected = [torch.zeros_like(p) for p in reference.parameters()]
+    for xc, yc in zip(x.split(8), y.split(8)):
+        g = gradient(reference, xc, yc)
+        scale = rho / (flat(g).norm() + 1e-12)
+        shifted = copy.deepcopy(reference)
+        with torch.no_grad():
+            for p, gp in zip(shifted.parameters(), g):
+                p.add_(gp * scale)
+        for total, gp in zip(expected, gradient(shifted, xc, yc)):
+            total.add_(gp * (len(yc) / len(y)))
+    for p, p0, g in zip(model.parameters(), reference.parameters(), expected):
+        assert torch.allclose(p, p0 - lr * g, atol=1e-6)
+    plain = copy.deepcopy(reference)  # one perturbation for the whole batch lands elsewhere
+    build_update(cfg(rho=rho), plain, torch.optim.SGD(plain.parameters(), lr=lr))(plain, RecordingCE(), x, y, CTX)
+    assert (flat(list(plain.parameters())) - flat(list(model.parameters()))).abs().max() > 1e-4
+
+
+def test_m_sharpness_with_the_whole_batch_is_plain_sam():
+    x, y = batch()
+    models = [tiny_model(), tiny_model()]
+    for model, m in zip(models, (None, len(y))):
+        config = cfg(rho=0.2)
+        config.method.sam_m = m
+        build_update(config, model, torch.optim.SGD(model.parameters(), lr=0.1))(model, RecordingCE(), x, y, CTX)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.equal(a, b)
+
+
+def test_m_sharpness_values_name_the_key(compose_cfg):
+    from runner.errors import ConfigError
+    from runner.validation import check_run
+
+    with pytest.raises(ConfigError, match="method.sam_m"):
+        check_run(compose_cfg("+method=sam", "method.sam_m=0"))
+    with pytest.raises(ConfigError, match="method.sam_m.*SAM is off"):
+        check_run(compose_cfg("+method=at", "method.sam_m=32"))
+    check_run(compose_cfg("+method=sam", "method.sam_m=32"))
