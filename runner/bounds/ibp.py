@@ -55,6 +55,17 @@ def _affine_in_place(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: 
     return True
 
 
+def _input_interval(x: torch.Tensor, eps: float, norm: str, first: nn.Module | None, bn_stats):
+    """The scaled eps-box, through `first` too when it is a constant channel affine map (the input
+    normalisation): (C, R, scale, whether `first` was applied)."""
+    if isinstance(first, CHANNEL_AFFINE) and fused.available(x) and x.dim() > 1 and eps >= 0 and norm == "linf":
+        weight, shift = channel_affine(first, bn_stats)
+        if not (weight.requires_grad or shift.requires_grad) and weight.numel() == x.shape[1]:
+            return (*fused.normalised_box(x, eps, weight, shift * 2.0), 2.0, True)
+    c, r, scale = _scaled_box(x, eps, norm)
+    return c, r, scale, first is not None and _affine_in_place(first, c, r, scale, bn_stats)
+
+
 def input_box(x: torch.Tensor, eps: float, norm: str = "linf") -> tuple[torch.Tensor, torch.Tensor]:
     """The L∞ box [max(x-eps, 0), min(x+eps, 1)] as (centre, radius)."""
     doubled_centre, doubled_radius, _ = _scaled_box(x, eps, norm)
@@ -222,10 +233,10 @@ def ibp_margin_bounds(
 ) -> torch.Tensor:
     """Lower bounds [B, K] of z_y - z_j over the eps-box, column y = 0."""
     layers = check_supported(model, "ibp")
-    c, r, scale = _scaled_box(x, eps, norm)
     body = layers if not elide else layers[:-1]
-    if body and _affine_in_place(body[0], c, r, scale, bn_stats):
-        body = body[1:]  # the input normalisation, applied to the box's own fresh tensors
+    c, r, scale, normalised = _input_interval(x, eps, norm, body[0] if body else None, bn_stats)
+    if normalised:
+        body = body[1:]
     for layer in body:
         c, r, scale = _propagate_scaled(layer, c, r, scale, bn_stats, relu_inputs)
     if not elide:
