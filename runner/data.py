@@ -7,12 +7,15 @@ are fixed by a constant seed, never by the training seed, so every run is scored
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from runner import compiled
 
 SPLIT_SEED = 0  # fixes test/validation membership for every run, whatever its training seed
 
@@ -318,7 +321,8 @@ class CropWindows:
     batch picks its padded images with `index_select`, then takes every crop pixel with one `gather`
     over each image's flattened H×W, the flip folded into the column index; the conversion to float
     comes last, on the crop. On CPU this is ~40x faster than indexing each pixel of a per-batch padded
-    copy, and it needs no second (flipped) copy of the data.
+    copy, and it needs no second (flipped) copy of the data. On a CPU with 8-bit data one numba loop does
+    all of it, ~3x faster again, with the same bits.
     """
 
     def __init__(self, x: torch.Tensor, padding: int, mode: str = "zeros"):
@@ -331,6 +335,14 @@ class CropWindows:
 
     def __call__(self, idx, top, left, flip=None) -> torch.Tensor:
         n, channels = len(idx), self.padded.shape[1]
+        loop = _crop_loop() if self.padded.device.type == "cpu" and self.padded.dtype == torch.uint8 else None
+        if loop is not None:
+            crops = torch.empty(n, channels, self.height, self.width)
+            flip = torch.zeros(n, dtype=torch.bool) if flip is None else flip
+            arrays = (self.padded, idx, top, left, flip, _uint8_to_float(), crops)
+            if not loop(*(t.contiguous().numpy() for t in arrays)):
+                raise IndexError("crop windows outside the padded images")  # as gather would
+            return crops
         images = self.padded.index_select(0, idx).flatten(2)  # N, C, (H + 2p)(W + 2p)
         columns = self.columns.expand(n, -1)
         if flip is not None:
@@ -339,6 +351,41 @@ class CropWindows:
         pixel = corner[:, None, None] + self.row_offsets[:, None] + columns[:, None, :]  # N, H, W
         crops = torch.gather(images, 2, pixel.reshape(n, 1, -1).expand(n, channels, -1))
         return to_float(crops.view(n, channels, self.height, self.width))
+
+
+@functools.cache
+def _uint8_to_float() -> torch.Tensor:
+    """to_float of every uint8 value: the crop loop looks its floats up, so they are to_float's bits."""
+    return to_float(torch.arange(256, dtype=torch.uint8))
+
+
+@functools.cache
+def _crop_loop():
+    """CropWindows' gather and float conversion as one numba loop over the crops' rows (None without numba)."""
+    if compiled.numba_module() is None:
+        return None
+
+    @compiled.jit
+    def crop(padded, idx, top, left, flip, as_float, out):
+        batch, channels, height, width = out.shape
+        for b in range(batch):
+            image, row0, col0 = idx[b], top[b], left[b]
+            # numba does not check bounds: a window outside the padded images stops the loop instead.
+            outside_rows, outside_cols = row0 + height > padded.shape[2], col0 + width > padded.shape[3]
+            if image < 0 or image >= padded.shape[0] or row0 < 0 or col0 < 0 or outside_rows or outside_cols:
+                return False
+            for c in range(channels):
+                for i in range(height):
+                    source, target = padded[image, c, row0 + i], out[b, c, i]
+                    if flip[b]:
+                        for j in range(width):
+                            target[j] = as_float[source[col0 + width - 1 - j]]
+                    else:
+                        for j in range(width):
+                            target[j] = as_float[source[col0 + j]]
+        return True
+
+    return crop
 
 
 def augment_batch(x: torch.Tensor, kind: str, padding: int, g: torch.Generator, padding_mode="zeros") -> torch.Tensor:

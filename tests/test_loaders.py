@@ -109,3 +109,31 @@ def test_crop_keeps_content_and_flip_mirrors():
     assert torch.equal(cropped, x)
     out = augment_batch(x, "crop_flip", 0, g)
     assert all(torch.equal(o, i) or torch.equal(o, i.flip(2)) for o, i in zip(out, x))
+
+
+@pytest.mark.parametrize("mode", ["zeros", "edge", "reflect"])
+def test_crop_loop_on_8_bit_images_is_bitwise_the_gather_path(mode, monkeypatch):
+    """On a CPU, 8-bit crops take one numba loop; it gives the gather path's bits (flipped or not, every
+    padding mode), both are the crop read pixel by pixel, and a window outside the images is refused."""
+    from runner import data
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (7, 3, 6, 5), dtype=torch.uint8, generator=g)
+    windows = data.CropWindows(x, 2, mode)
+    idx = torch.tensor([6, 0, 3, 3, 1])
+    top, left = torch.tensor([0, 4, 2, 1, 4]), torch.tensor([4, 0, 1, 3, 2])
+    flip = torch.tensor([True, False, True, False, False])
+    assert data._crop_loop() is not None, "numba is a dependency: the loop must be available"
+    looped = [windows(idx, top, left, flip), windows(idx, top, left)]
+    monkeypatch.setattr(data, "_crop_loop", lambda: None)
+    gathered = [windows(idx, top, left, flip), windows(idx, top, left)]
+    for ours, reference in zip(looped, gathered, strict=True):
+        assert ours.dtype == torch.float32 and torch.equal(ours, reference)
+    for crop, i, row, col, flipped in zip(looped[0], idx, top, left, flip):
+        window = data.to_float(windows.padded[i, :, row : row + 6, col : col + 5])
+        assert torch.equal(crop, window.flip(-1) if flipped else window)
+    monkeypatch.undo()
+    with pytest.raises(IndexError):
+        windows(idx, top + 1, left)  # the last window's rows run past the padded image
+    with pytest.raises(IndexError):
+        windows(torch.tensor([7]), top[:1], left[:1])

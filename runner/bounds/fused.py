@@ -9,8 +9,7 @@ gradients). They are bitwise the ATen results: the same float32 additions in the
 gradient masks.
 
 Used when numba imports and the tensors are float32 on a CPU; everything else (CUDA, float64, bf16 under
-autocast, no numba) takes the ATen path. numba compiles each loop once per machine (cached next to this
-file or in numba's user cache).
+autocast, no numba) takes the ATen path (see runner/compiled.py).
 """
 
 import functools
@@ -18,21 +17,16 @@ import functools
 import numpy as np
 import torch
 
+from runner import compiled
+
 
 @functools.cache
 def _kernels():
     """(forward, backward, accumulate_signed, normalised_box) compiled loops, or None without numba. numba
     is imported on first use only: a run that never bounds an interval does not pay for the import."""
-    try:
-        import numba
-    except ImportError:  # numba is a dependency; a trimmed install still runs on the ATen path
+    if compiled.numba_module() is None:  # numba is a dependency; a trimmed install still runs on ATen
         return None
-
-    def jit(loop):
-        try:
-            return numba.njit(cache=True, nogil=True)(loop)
-        except RuntimeError:  # no writable cache location (a read-only install): compile once per process
-            return numba.njit(nogil=True)(loop)
+    jit = compiled.jit
 
     @jit
     def forward(c, r, centre, radius, active):
