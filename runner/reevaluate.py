@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from runner import checkpoint
+from runner import checkpoint, distributed
 from runner.data import load_splits, to_float
 from runner.errors import RunInterrupted
 from runner.evaluate import environment, evaluate
@@ -242,6 +242,7 @@ def reevaluate(cfg, overrides: list[str], run_dir) -> dict:
     from runner.validation import check_writable_dir
 
     keep_freed_memory()
+    distributed.share_cores_with_sibling_jobs()
     run_dir = Path(run_dir)
     path, state, cfg, model = prepare(cfg, overrides)
     check_writable_dir(run_dir, "hydra.run.dir")

@@ -160,6 +160,7 @@ def run(cfg, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     check_run(cfg)  # bad values fail here, before anything is written
     keep_freed_memory()  # CPU steps without page faults on fresh tensors (see runner/allocator.py)
+    distributed.share_cores_with_sibling_jobs()
     check_writable_dir(run_dir, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     # Several processes (torchrun, multi-task SLURM): one run directory, written by rank 0 only.

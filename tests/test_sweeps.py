@@ -55,15 +55,42 @@ def test_joblib_sweep_launched_in_the_background_gives_four_complete_runs(tmp_pa
 
 @pytest.mark.slow
 def test_submitit_local_sweep_gives_four_complete_runs(tmp_path):
+    """Without OMP_NUM_THREADS, as a user launches it: the jobs, all started at once, take a thread each."""
     sweep_dir = tmp_path / "sweep"
+    env = {key: value for key, value in _env().items() if key != "OMP_NUM_THREADS"}
     proc = subprocess.run(
         [str(BIN / "robust-train"), "-m", "+method=erm,at", "seed=0,1", "hydra/launcher=submitit_local",
          *TINY, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_four_complete_runs(sweep_dir)
     assert list((sweep_dir / ".submitit").iterdir())  # the jobs really went through submitit
+    for results in sweep_dir.glob("*/results.json"):
+        assert json.loads(results.read_text())["env"]["torch_threads"] == 1
+
+
+def test_only_submitit_local_jobs_without_omp_num_threads_drop_to_one_thread(monkeypatch):
+    import torch
+
+    from runner.distributed import share_cores_with_sibling_jobs
+
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        for executor, expected in [(None, False), ("slurm", False), ("local", True)]:
+            torch.set_num_threads(2)
+            if executor is None:
+                monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+            else:
+                monkeypatch.setenv("SUBMITIT_EXECUTOR", executor)
+            assert share_cores_with_sibling_jobs() is expected
+            assert torch.get_num_threads() == (1 if expected else 2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the user's setting wins
+        torch.set_num_threads(2)
+        assert share_cores_with_sibling_jobs() is False and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_sweeping_a_key_left_out_of_run_names_still_gives_each_job_its_own_directory(tmp_path):
