@@ -148,10 +148,10 @@ def test_fused_interval_relu_is_bitwise_the_aten_path(monkeypatch):
 @pytest.mark.parametrize("eps", [0.0, 8 / 255, 0.1, 0.7])
 def test_fused_normalised_box_is_bitwise_the_aten_path(eps, monkeypatch):
     """The one-pass input box (clamped at both ends, through the input normalisation) gives the bits of
-    the ATen formulation, on a non-contiguous batch with NaN, pixels at 0 and 1 and beyond; and the bounds of a
+    the ATen formulation, on a batch with NaN, pixels at 0 and 1 and beyond; and the bounds of a
     whole network are unchanged by it."""
     g = torch.Generator().manual_seed(4)
-    x = torch.rand(5, 8, 8, 3, generator=g).permute(0, 3, 1, 2)  # non-contiguous, 3 channels
+    x = torch.rand(5, 3, 8, 8, generator=g)
     x[0, 0, 0, :6] = torch.tensor([0.0, 1.0, float("nan"), eps, 1.9, -0.9])  # out of range: both clamps
     normalize = Normalize([0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
     net = nn.Sequential(normalize, nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 5))
@@ -162,11 +162,23 @@ def test_fused_normalised_box_is_bitwise_the_aten_path(eps, monkeypatch):
         assert normalised and scale == 2.0
         return c, r, bounds.ibp_margin_bounds(net, x[1:], y[1:], eps)
 
+    original, calls = fused.normalised_box, []
+
+    def counted(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(fused, "normalised_box", counted)
     fused_results = run()
+    assert calls, "the one-pass box was not used"
     monkeypatch.setattr(fused, "available", lambda t: False)
     for ours, aten in zip(fused_results, run(), strict=True):
         torch.testing.assert_close(ours, aten, rtol=0, atol=0, equal_nan=True)
     assert fused_results[0][0, 0, 0, 2].isnan()
+    monkeypatch.undo()
+    channels_last = x.to(memory_format=torch.channels_last)  # keeps its format (the ATen path)
+    assert ibp_module._input_interval(channels_last, eps, "linf", normalize, None)[0].is_contiguous(
+        memory_format=torch.channels_last)
 
 
 def test_interval_linear_gradients_are_autograds():

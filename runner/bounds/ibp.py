@@ -58,7 +58,9 @@ def _affine_in_place(layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: 
 def _input_interval(x: torch.Tensor, eps: float, norm: str, first: nn.Module | None, bn_stats):
     """The scaled eps-box, through `first` too when it is a constant channel affine map (the input
     normalisation): (C, R, scale, whether `first` was applied)."""
-    if isinstance(first, CHANNEL_AFFINE) and fused.available(x) and x.dim() > 1 and eps >= 0 and norm == "linf":
+    # The loop writes NCHW-contiguous tensors: a channels-last batch keeps its format on the ATen path.
+    one_pass = fused.available(x) and x.dim() > 1 and x.is_contiguous() and eps >= 0 and norm == "linf"
+    if isinstance(first, CHANNEL_AFFINE) and one_pass:
         weight, shift = channel_affine(first, bn_stats)
         if not (weight.requires_grad or shift.requires_grad) and weight.numel() == x.shape[1]:
             return (*fused.normalised_box(x, eps, weight, shift * 2.0), 2.0, True)
