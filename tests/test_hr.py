@@ -260,3 +260,18 @@ def test_cpu_smoke_run_and_alpha_r_zero_run_equals_at(compose_cfg, tmp_path):
     hr0 = checkpoint.load(tmp_path / "hr0" / "checkpoints" / "last.pt")["model"]
     at_ = checkpoint.load(tmp_path / "at" / "checkpoints" / "last.pt")["model"]
     assert hr0.keys() == at_.keys() and all(torch.equal(hr0[k], at_[k]) for k in hr0)
+
+
+def test_phi_keeps_a_trimmed_sample_out_where_its_ratio_underflows():
+    """At the smallest subnormal τ, u_j = τ/(τ + a_j) rounds to 0 for a large gap: a sample with q_j = 0
+    (trimmed by α) must add nothing there (log 0 · 0 is NaN in a plain product), as in xlogy's form."""
+    from runner.hr import _phi
+
+    q = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    gaps = torch.tensor([10.0, 1.0, 0.0], dtype=torch.float64)
+    tau = torch.tensor([5e-324, 0.5, 3.0], dtype=torch.float64)
+    u = tau[:, None] / (tau[:, None] + gaps)
+    assert u[0, 0] == 0 and u[0, 1] > 0  # the trimmed sample's ratio underflows, the others' do not
+    expected = torch.log(u @ q) - torch.xlogy(q, u).sum(-1) - 0.1
+    assert torch.isfinite(_phi(tau, q, gaps, 0.1)).all()
+    torch.testing.assert_close(_phi(tau, q, gaps, 0.1), expected, rtol=1e-12, atol=0)
