@@ -26,9 +26,8 @@ def _kernels():
     is imported on first use only: a run that never bounds an interval does not pay for the import."""
     if compiled.numba_module() is None:  # numba is a dependency; a trimmed install still runs on ATen
         return None
-    jit = compiled.jit
 
-    @jit
+    @compiled.jit
     def forward(c, r, centre, radius, active):
         zero = np.float32(0.0)
         for i in range(c.size):
@@ -40,7 +39,7 @@ def _kernels():
             radius[i] = upper - lower
             active[i] = (upper > zero) + 2 * (lower > zero)
 
-    @jit
+    @compiled.jit
     def backward(grad_centre, grad_radius, active, grad_c, grad_r):
         # Both sums are formed before the masks select: branch-free, so the loop vectorises (~15% faster).
         zero = np.float32(0.0)
@@ -53,7 +52,7 @@ def _kernels():
             grad_c[i] = grad_upper + grad_lower
             grad_r[i] = grad_upper - grad_lower
 
-    @jit
+    @compiled.jit
     def accumulate_signed(total, update, weight):
         zero = np.float32(0.0)
         for i in range(total.size):
@@ -62,7 +61,7 @@ def _kernels():
             elif weight[i] < zero:
                 total[i] -= update[i]
 
-    @jit
+    @compiled.jit
     def normalised_box(x, eps, scale, doubled_shift, centre, radius):
         # x, centre, radius: [batch, channels, plane]. The eps-box [clamp(x - eps), clamp(x + eps)] as
         # (upper + lower, upper - lower) through the input normalisation, in the float32 operations and
