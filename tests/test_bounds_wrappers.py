@@ -12,7 +12,7 @@ from runner import bounds
 from runner.bounds import fused
 from runner.bounds import ibp as ibp_module
 from runner.bounds.ibp import _IntervalLinear, _IntervalReLU
-from runner.layers import Normalize
+from runner.layers import Normalize, Residual
 
 
 def _net() -> nn.Sequential:
@@ -149,7 +149,7 @@ def test_fused_interval_relu_is_bitwise_the_aten_path(monkeypatch):
 def test_fused_normalised_box_is_bitwise_the_aten_path(eps, monkeypatch):
     """The one-pass input box (clamped at both ends, through the input normalisation) gives the bits of
     the ATen formulation, on a batch with NaN, pixels at 0 and 1 and beyond; and the bounds of a
-    whole network are unchanged by it."""
+    whole network agree with the ATen path's (up to the elided head's summation order)."""
     g = torch.Generator().manual_seed(4)
     x = torch.rand(5, 3, 8, 8, generator=g)
     x[0, 0, 0, :6] = torch.tensor([0.0, 1.0, float("nan"), eps, 1.9, -0.9])  # out of range: both clamps
@@ -172,8 +172,10 @@ def test_fused_normalised_box_is_bitwise_the_aten_path(eps, monkeypatch):
     fused_results = run()
     assert calls, "the one-pass box was not used"
     monkeypatch.setattr(fused, "available", lambda t: False)
-    for ours, aten in zip(fused_results, run(), strict=True):
+    aten_results = run()
+    for ours, aten in zip(fused_results[:2], aten_results[:2], strict=True):
         torch.testing.assert_close(ours, aten, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(fused_results[2], aten_results[2], rtol=1e-6, atol=1e-6)
     assert fused_results[0][0, 0, 0, 2].isnan()
     monkeypatch.undo()
     channels_last = x.to(memory_format=torch.channels_last)  # keeps its format (the ATen path)
@@ -214,3 +216,89 @@ def test_elided_margins_are_the_specification_times_the_last_layer():
     expected = (folded @ c.unsqueeze(-1)).squeeze(-1) + spec @ last.bias - (folded.abs() @ r.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(ours, expected)
     assert torch.equal(ours.gather(1, y[:, None]), torch.zeros(5, 1, dtype=torch.float64))
+
+
+def test_fused_interval_relu_overwriting_its_inputs_gives_the_same_bits():
+    """After a Linear or Conv2d the fused ReLU writes its results over the layer's fresh output: the
+    same bits, forward and backward, as the loop that writes fresh tensors."""
+    g = torch.Generator().manual_seed(7)
+    centre, radius = torch.randn(6, 4, 7, 7, generator=g), torch.rand(6, 4, 7, 7, generator=g) * 0.5
+    centre[0, 0, 0, :2], radius[0, 0, 0, :2] = torch.tensor([0.25, -0.25]), 0.25  # ends exactly at 0
+    grads = torch.randn(2, *centre.shape, generator=g)
+
+    def run(overwrite: bool):
+        c, r = centre.clone().requires_grad_(), radius.clone().requires_grad_()
+        layer_c, layer_r = c * 1.0, r * 1.0  # a layer's fresh outputs
+        out_c, out_r = _IntervalReLU.apply(layer_c, layer_r, overwrite)
+        assert (out_c.data_ptr() == layer_c.data_ptr()) == overwrite
+        torch.autograd.backward([out_c, out_r], list(grads))
+        with torch.no_grad():
+            step = ibp_module._scaled_step(nn.ReLU(), centre.clone(), radius.clone(), 1.0, None, overwrite)
+        return out_c.detach(), out_r.detach(), c.grad, r.grad, *step[:2]
+
+    for ours, fresh in zip(run(True), run(False), strict=True):
+        assert torch.equal(ours, fresh)
+
+
+def test_only_a_fresh_layer_output_is_overwritten(monkeypatch):
+    """A ReLU overwrites its input only right after a Linear or Conv2d: not at the head of a residual
+    branch (the block's input also feeds the shortcut), nor when the regulariser keeps its inputs. The
+    bounds are those of the ATen path, which never overwrites."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        Normalize([0.4], [0.3]),
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.ReLU(),
+        Residual(nn.Sequential(nn.ReLU(), nn.Conv2d(3, 3, 3, padding=1))),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(108, 8),
+        nn.ReLU(),
+        nn.Linear(8, 4),
+    )
+    x, y = _batch()
+    original, overwrites = fused.relu_forward, []
+
+    def spy(c, r, overwrite=False):
+        overwrites.append(overwrite)
+        return original(c, r, overwrite)
+
+    monkeypatch.setattr(fused, "relu_forward", spy)
+    ours = bounds.ibp_margin_bounds(net, x, y, 0.05)
+    assert overwrites == [True, False, False, True]
+    overwrites.clear()
+    relu_inputs = []
+    kept = bounds.ibp_margin_bounds(net, x, y, 0.05, relu_inputs=relu_inputs)
+    assert overwrites == [False] * 4 and torch.equal(kept, ours)
+    monkeypatch.setattr(fused, "available", lambda t: False)
+    aten_inputs = []
+    torch.testing.assert_close(bounds.ibp_margin_bounds(net, x, y, 0.05, relu_inputs=aten_inputs), ours)
+    for (c, r), (aten_c, aten_r) in zip(relu_inputs, aten_inputs, strict=True):
+        assert torch.equal(c, aten_c) and torch.equal(r, aten_r)
+
+
+def test_fused_elided_radius_matches_the_broadcast_formulation(monkeypatch):
+    """The elided head's one-loop radius and its gradients against the ATen broadcast product (float32;
+    the summation orders differ), with tied weights (sgn 0: no gradient through |W_y - W_j|) and every
+    class as a label."""
+    g = torch.Generator().manual_seed(8)
+    last = nn.Linear(30, 5)
+    with torch.no_grad():
+        last.weight[3, :10] = last.weight[1, :10]  # |W_1 - W_3| is 0 there
+    c, r = torch.randn(12, 30, generator=g), torch.rand(12, 30, generator=g)
+    y = torch.arange(12) % 5
+    grad = torch.randn(12, 5, generator=g)
+
+    def run():
+        cc, rr = (c * 4).requires_grad_(), (r * 4).requires_grad_()  # carried at scale 4
+        margins = ibp_module.elided_margin_bounds(last, cc, rr, 0.25, y)
+        return margins.detach(), *torch.autograd.grad(margins, (cc, rr, last.weight, last.bias), grad)
+
+    original, calls = fused.elided_radius_backward, []
+    monkeypatch.setattr(fused, "elided_radius_backward", lambda *args: calls.append(1) or original(*args))
+    fused_results = run()
+    assert calls, "the fused loops were not used"
+    monkeypatch.setattr(fused, "available", lambda t: False)
+    for ours, aten in zip(fused_results, run(), strict=True):
+        torch.testing.assert_close(ours, aten, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused_results[0].gather(1, y[:, None]), torch.zeros(12, 1))
