@@ -5,14 +5,14 @@
 import torch
 from torch import nn
 
-from runner.layers import Normalize, Residual
+from runner.layers import Normalize, Residual, conv2d
 
 
 def _conv_stack(in_ch: int, specs, batch_norm: bool) -> list[nn.Module]:
     """specs: (out_channels, kernel, stride, padding) per conv, each followed by [BN] + ReLU."""
     layers = []
     for out_ch, kernel, stride, padding in specs:
-        layers.append(nn.Conv2d(in_ch, out_ch, kernel, stride, padding))
+        layers.append(conv2d(in_ch, out_ch, kernel, stride, padding))
         if batch_norm:
             layers.append(nn.BatchNorm2d(out_ch))
         layers.append(nn.ReLU())
@@ -88,7 +88,7 @@ def _preact_block(in_ch: int, out_ch: int, stride: int) -> list[nn.Module]:
 
 
 def _residual_net(in_ch, stem_ch, stages, blocks_per_stage, num_classes):
-    layers = [nn.Conv2d(in_ch, stem_ch, 3, 1, 1, bias=False)]
+    layers = [conv2d(in_ch, stem_ch, 3, 1, 1, bias=False)]
     ch = stem_ch
     for i, (out_ch, n_blocks) in enumerate(zip(stages, blocks_per_stage)):
         for b in range(n_blocks):
