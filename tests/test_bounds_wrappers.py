@@ -219,8 +219,9 @@ def test_elided_margins_are_the_specification_times_the_last_layer():
 
 
 def test_fused_interval_relu_overwriting_its_inputs_gives_the_same_bits():
-    """After a Linear or Conv2d the fused ReLU writes its results over the layer's fresh output: the
-    same bits, forward and backward, as the loop that writes fresh tensors."""
+    """After a Linear or Conv2d the fused ReLU writes its results over the layer's fresh output, and
+    before one its backward writes over the fresh gradients it is handed: the same bits, forward and
+    backward, as the loops that write fresh tensors."""
     g = torch.Generator().manual_seed(7)
     centre, radius = torch.randn(6, 4, 7, 7, generator=g), torch.rand(6, 4, 7, 7, generator=g) * 0.5
     centre[0, 0, 0, :2], radius[0, 0, 0, :2] = torch.tensor([0.25, -0.25]), 0.25  # ends exactly at 0
@@ -229,9 +230,11 @@ def test_fused_interval_relu_overwriting_its_inputs_gives_the_same_bits():
     def run(overwrite: bool):
         c, r = centre.clone().requires_grad_(), radius.clone().requires_grad_()
         layer_c, layer_r = c * 1.0, r * 1.0  # a layer's fresh outputs
-        out_c, out_r = _IntervalReLU.apply(layer_c, layer_r, overwrite)
+        out_c, out_r = _IntervalReLU.apply(layer_c, layer_r, overwrite, overwrite)
         assert (out_c.data_ptr() == layer_c.data_ptr()) == overwrite
-        torch.autograd.backward([out_c, out_r], list(grads))
+        handed = [grad.clone() for grad in grads]  # a next layer's fresh gradients
+        torch.autograd.backward([out_c, out_r], handed)
+        assert torch.equal(handed[0], grads[0]) != overwrite
         with torch.no_grad():
             step = ibp_module._scaled_step(nn.ReLU(), centre.clone(), radius.clone(), 1.0, None, overwrite)
         return out_c.detach(), out_r.detach(), c.grad, r.grad, *step[:2]
@@ -242,8 +245,10 @@ def test_fused_interval_relu_overwriting_its_inputs_gives_the_same_bits():
 
 def test_only_a_fresh_layer_output_is_overwritten(monkeypatch):
     """A ReLU overwrites its input only right after a Linear or Conv2d: not at the head of a residual
-    branch (the block's input also feeds the shortcut), nor when the regulariser keeps its inputs. The
-    bounds are those of the ATen path, which never overwrites."""
+    branch (the block's input also feeds the shortcut), nor when the regulariser keeps its inputs; and
+    its gradients only right before one (through a Flatten at most): not before a residual block, whose
+    sum hands one gradient to both branches. The bounds and their gradients are those of the ATen path,
+    which never overwrites."""
     torch.manual_seed(0)
     net = nn.Sequential(
         Normalize([0.4], [0.3]),
@@ -257,22 +262,38 @@ def test_only_a_fresh_layer_output_is_overwritten(monkeypatch):
         nn.Linear(8, 4),
     )
     x, y = _batch()
-    original, overwrites = fused.relu_forward, []
+    forward, backward, overwrites, owned = fused.relu_forward, fused.relu_backward, [], []
 
-    def spy(c, r, overwrite=False):
+    def spy_forward(c, r, overwrite=False):
         overwrites.append(overwrite)
-        return original(c, r, overwrite)
+        return forward(c, r, overwrite)
 
-    monkeypatch.setattr(fused, "relu_forward", spy)
-    ours = bounds.ibp_margin_bounds(net, x, y, 0.05)
+    def spy_backward(grad_centre, grad_radius, active, overwrite=False):
+        owned.append(overwrite)
+        return backward(grad_centre, grad_radius, active, overwrite)
+
+    monkeypatch.setattr(fused, "relu_forward", spy_forward)
+    monkeypatch.setattr(fused, "relu_backward", spy_backward)
+
+    def bounds_and_gradients(relu_inputs=None):
+        net.zero_grad()
+        margins = bounds.ibp_margin_bounds(net, x, y, 0.05, relu_inputs=relu_inputs)
+        bounds.robust_cross_entropy(margins, y).backward()
+        return margins.detach(), [p.grad.clone() for p in net.parameters()]
+
+    ours, gradients = bounds_and_gradients()
     assert overwrites == [True, False, False, True]
+    assert owned == [False, True, True, False][::-1]  # the backward visits the ReLUs last to first
     overwrites.clear()
     relu_inputs = []
-    kept = bounds.ibp_margin_bounds(net, x, y, 0.05, relu_inputs=relu_inputs)
+    kept, _ = bounds_and_gradients(relu_inputs)
     assert overwrites == [False] * 4 and torch.equal(kept, ours)
     monkeypatch.setattr(fused, "available", lambda t: False)
     aten_inputs = []
-    torch.testing.assert_close(bounds.ibp_margin_bounds(net, x, y, 0.05, relu_inputs=aten_inputs), ours)
+    aten, aten_gradients = bounds_and_gradients(aten_inputs)
+    torch.testing.assert_close(aten, ours)
+    for a, b in zip(aten_gradients, gradients, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for (c, r), (aten_c, aten_r) in zip(relu_inputs, aten_inputs, strict=True):
         assert torch.equal(c, aten_c) and torch.equal(r, aten_r)
 

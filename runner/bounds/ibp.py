@@ -100,10 +100,12 @@ class _IntervalReLU(torch.autograd.Function):
     """ReLU on a scaled interval as one autograd node: (c, r) -> (relu(c + r) + relu(c - r),
     relu(c + r) - relu(c - r)). The upper end is active where the new centre is positive (the ends are
     non-negative), the lower end where relu(c - r) is. With `overwrite` the fused loop writes the results
-    over c and r, which nothing else may hold (see `_propagate_layers`)."""
+    over c and r, which nothing else may hold; with `own_gradients` the backward loop writes over the
+    gradients it is handed, which only the next layer's backward may have made (see `_propagate_layers`)."""
 
     @staticmethod
-    def forward(ctx, c, r, overwrite=False):
+    def forward(ctx, c, r, overwrite=False, own_gradients=False):
+        ctx.own_gradients = own_gradients
         if fused.available(c):
             centre, radius, active = fused.relu_forward(c, r, overwrite)
             if centre is c:
@@ -118,14 +120,14 @@ class _IntervalReLU(torch.autograd.Function):
     @once_differentiable  # no double backward through the bounds (nothing here needs one)
     def backward(ctx, grad_centre, grad_radius):
         if len(ctx.saved_tensors) == 1:  # the fused forward's activity bytes
-            return *fused.relu_backward(grad_centre, grad_radius, ctx.saved_tensors[0]), None
+            return *fused.relu_backward(grad_centre, grad_radius, ctx.saved_tensors[0], ctx.own_gradients), None, None
         centre, lower = ctx.saved_tensors
         threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
         grad_upper = torch.add(grad_centre, grad_radius)
         grad_lower = torch.sub(grad_centre, grad_radius)
         threshold_backward_(grad_upper, centre, 0, grad_input=grad_upper)
         threshold_backward_(grad_lower, lower, 0, grad_input=grad_lower)
-        return torch.add(grad_upper, grad_lower), grad_upper.sub_(grad_lower), None
+        return torch.add(grad_upper, grad_lower), grad_upper.sub_(grad_lower), None, None
 
 
 class _IntervalLinear(torch.autograd.Function):
@@ -158,10 +160,17 @@ class _IntervalLinear(torch.autograd.Function):
 
 
 def _scaled_step(
-    layer: nn.Module, c: torch.Tensor, r: torch.Tensor, scale: float, bn_stats: dict | None, overwrite: bool = False
+    layer: nn.Module,
+    c: torch.Tensor,
+    r: torch.Tensor,
+    scale: float,
+    bn_stats: dict | None,
+    overwrite: bool = False,
+    own_gradients: bool = False,
 ):
     """One non-container layer applied to the scaled interval (c, r, scale): see the module docstring.
-    `overwrite`: c and r are held by nothing else, and a ReLU may write its results over them."""
+    `overwrite`: c and r are held by nothing else, and a ReLU may write its results over them;
+    `own_gradients`: so are the gradients its backward will be handed."""
     if isinstance(layer, (nn.Linear, nn.Conv2d)):
         bias = layer.bias
         if bias is not None and scale != 1.0:
@@ -179,7 +188,7 @@ def _scaled_step(
         )
     if isinstance(layer, nn.ReLU):
         if torch.is_grad_enabled() and (c.requires_grad or r.requires_grad):
-            c, r = _IntervalReLU.apply(c, r, overwrite)
+            c, r = _IntervalReLU.apply(c, r, overwrite, own_gradients)
         elif fused.available(c):
             c, r, _ = fused.relu_forward(c, r, overwrite)
         else:
@@ -201,16 +210,27 @@ def _scaled_step(
 def _propagate_layers(layers, c, r, scale: float, bn_stats, relu_inputs: list | None):
     """The scaled interval through `layers` in turn. A Linear or Conv2d returns fresh tensors that only
     this loop holds, so a ReLU right after one may overwrite them; not when its input is also kept for
-    the regulariser, nor a tensor passed in (a residual block's input feeds both branches)."""
-    fresh = False
-    for layer in layers:
+    the regulariser, nor a tensor passed in (a residual block's input feeds both branches). Likewise the
+    backward of a Linear or Conv2d hands fresh gradients to the ReLU that feeds it (through a Flatten at
+    most), whose backward may overwrite them."""
+    layers, fresh = list(layers), False
+    for index, layer in enumerate(layers):
         overwrite = fresh and relu_inputs is None
-        c, r, scale = _propagate_scaled(layer, c, r, scale, bn_stats, relu_inputs, overwrite)
+        own_gradients = _feeds_affine(layers[index + 1 : index + 3])
+        c, r, scale = _propagate_scaled(layer, c, r, scale, bn_stats, relu_inputs, overwrite, own_gradients)
         fresh = isinstance(layer, (nn.Linear, nn.Conv2d))
     return c, r, scale
 
 
-def _propagate_scaled(module: nn.Module, c, r, scale: float, bn_stats, relu_inputs: list | None, overwrite=False):
+def _feeds_affine(following: list) -> bool:
+    if following and isinstance(following[0], nn.Flatten):
+        following = following[1:]
+    return bool(following) and isinstance(following[0], (nn.Linear, nn.Conv2d))
+
+
+def _propagate_scaled(
+    module: nn.Module, c, r, scale: float, bn_stats, relu_inputs: list | None, overwrite=False, own_gradients=False
+):
     if isinstance(module, nn.Sequential):
         return _propagate_layers(module, c, r, scale, bn_stats, relu_inputs)
     if isinstance(module, Residual):
@@ -223,7 +243,7 @@ def _propagate_scaled(module: nn.Module, c, r, scale: float, bn_stats, relu_inpu
         return c_main + c_short, r_main + r_short, max(s_main, s_short)
     if isinstance(module, nn.ReLU) and relu_inputs is not None:
         relu_inputs.append(_unscaled(c, r, scale))
-    return _scaled_step(module, c, r, scale, bn_stats, overwrite)
+    return _scaled_step(module, c, r, scale, bn_stats, overwrite, own_gradients)
 
 
 def propagate(module: nn.Module, c, r, bn_stats=None, relu_inputs: list | None = None):
