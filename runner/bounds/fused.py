@@ -1,5 +1,5 @@
 """Fused CPU loops (numba) for interval bound propagation on float32 tensors: the interval ReLU
-one loop each way, the gradient through |W| added in one pass, the input box formed and normalised in
+one loop each way, the gradient through |W| signed in one pass, the input box formed and normalised in
 one pass, and the radius of the elided last layer one loop each way.
 
 The ATen formulation of the scaled interval ReLU (`ibp._relu_ends` and `ibp._IntervalReLU.backward`) makes
@@ -78,13 +78,10 @@ def _kernels():
             grad_centre[i], grad_radius[i] = gradient_ends(grad_centre[i], grad_radius[i], active[i])
 
     @compiled.jit
-    def accumulate_signed(total, update, weight):
+    def times_sign(total, weight):
         zero = np.float32(0.0)
         for i in range(total.size):
-            if weight[i] > zero:
-                total[i] += update[i]
-            elif weight[i] < zero:
-                total[i] -= update[i]
+            total[i] *= np.float32(weight[i] > zero) - np.float32(weight[i] < zero)
 
     @compiled.jit
     def normalised_box(x, eps, scale, doubled_shift, centre, radius):
@@ -146,7 +143,7 @@ def _kernels():
         forward_in_place=forward_in_place,
         backward=backward,
         backward_in_place=backward_in_place,
-        accumulate_signed=accumulate_signed,
+        times_sign=times_sign,
         normalised_box=normalised_box,
         elided_radius=elided_radius,
         elided_radius_backward=elided_radius_backward,
@@ -157,12 +154,12 @@ def available(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and _kernels() is not None
 
 
-def accumulate_signed(total: torch.Tensor, update: torch.Tensor, weight: torch.Tensor) -> None:
-    """total += sgn(weight) * update, in place (the gradient through |weight| added to total)."""
+def times_sign(total: torch.Tensor, weight: torch.Tensor) -> None:
+    """total *= sgn(weight), in place (a gradient w.r.t. |weight| made one w.r.t. weight)."""
     if available(total) and total.is_contiguous():
-        _kernels().accumulate_signed(_flat(total), _flat(update.contiguous()), _flat(weight.contiguous()))
+        _kernels().times_sign(_flat(total), _flat(weight.contiguous()))
     else:
-        total.addcmul_(weight.sign(), update)
+        total.mul_(weight.sign())
 
 
 def _flat(t: torch.Tensor) -> np.ndarray:

@@ -132,9 +132,9 @@ class _IntervalReLU(torch.autograd.Function):
 
 class _IntervalLinear(torch.autograd.Function):
     """A Linear layer on an interval, (c, r) -> (W c + b, |W| r), as one autograd node. The weight's
-    gradient gC^T c + sgn(W) * (gR^T r) is summed in one pass (`fused.accumulate_signed`): autograd's |W|
-    takes four more weight-sized passes, and a wide first dense layer's weight is as large as the
-    largest activation."""
+    gradient sgn(W) * (gR^T r) + gC^T c takes one weight-sized pass (`fused.times_sign`) between two
+    matrix products, the second accumulating into the first's result: autograd's |W| takes five more,
+    and a wide first dense layer's weight is as large as the largest activation."""
 
     @staticmethod
     def forward(ctx, c, r, weight, bias):
@@ -153,8 +153,9 @@ class _IntervalLinear(torch.autograd.Function):
         grad_r = (grad_radius @ magnitude).view(r.shape) if need_r else None
         grad_weight = None
         if need_weight:
-            grad_weight = grad_centre.t() @ c.reshape(-1, c.shape[-1])
-            fused.accumulate_signed(grad_weight, grad_radius.t() @ r.reshape(-1, r.shape[-1]), weight)
+            grad_weight = grad_radius.t() @ r.reshape(-1, r.shape[-1])
+            fused.times_sign(grad_weight, weight)
+            grad_weight.addmm_(grad_centre.t(), c.reshape(-1, c.shape[-1]))
         grad_bias = grad_centre.sum(0) if need_bias else None
         return grad_c, grad_r, grad_weight, grad_bias
 
