@@ -5,10 +5,14 @@ attacks, bounds and verifiers. The model's train/eval mode is the caller's choic
 """
 
 import contextlib
+import functools
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from runner import compiled
 
 NORMS = ("linf", "l2")
 
@@ -36,13 +40,70 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torc
     return (x + delta).clamp(0.0, 1.0) - x
 
 
+@functools.cache
+def _linf_loops():
+    """One-pass CPU loops (numba) for the L∞ step and start, or None without numba. Each is the ATen
+    formulation (`_ascend`, `project`, `random_start`) in its float32 operations and order, so the bits
+    are the same (tested); ATen makes eight passes over the batch per step, and an attack step on a small
+    network spends ~10% of its time in them."""
+    if compiled.numba_module() is None:
+        return None
+
+    @compiled.jit
+    def clamp(value, low, high):  # torch.clamp's order: NaN passes through
+        value = low if value < low else value
+        return high if value > high else value
+
+    @compiled.jit
+    def ascend_project(delta, grad, x, alpha, eps, out):
+        zero, one = np.float32(0.0), np.float32(1.0)
+        for i in range(x.size):
+            g = grad[i]
+            sign = one if g > zero else (-one if g < zero else zero)
+            moved = x[i] + clamp(delta[i] + alpha * sign, -eps, eps)
+            out[i] = clamp(moved, zero, one) - x[i]
+
+    @compiled.jit
+    def uniform_start(uniform, x, eps, out):
+        zero, one, two = np.float32(0.0), np.float32(1.0), np.float32(2.0)
+        for i in range(x.size):
+            moved = x[i] + clamp((uniform[i] * two - one) * eps, -eps, eps)
+            out[i] = clamp(moved, zero, one) - x[i]
+
+    return ascend_project, uniform_start
+
+
+def _use_loops(*tensors: torch.Tensor) -> bool:
+    return _linf_loops() is not None and all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+def _flat(t: torch.Tensor) -> np.ndarray:
+    return t.detach().reshape(-1).numpy()
+
+
+def _step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float, norm: str):
+    """project(_ascend(delta, grad)): one loop for L∞ on a CPU."""
+    if norm == "linf" and _use_loops(delta, grad, x):
+        out = torch.empty_like(x)
+        _linf_loops()[0](_flat(delta), _flat(grad), _flat(x), np.float32(alpha), np.float32(eps), _flat(out))
+        return out
+    return project(_ascend(delta, grad, alpha, norm), x, eps, norm)
+
+
 def random_start(x: torch.Tensor, eps: float, norm: str, init: str, init_std: float, generator) -> torch.Tensor:
     if init == "zero":
         return torch.zeros_like(x)
     if init == "normal":  # TRADES: x + 0.001·N(0, I)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * init_std
     elif norm == "linf":
-        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+        uniform = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if _use_loops(uniform, x):
+            start = torch.empty_like(x)
+            _linf_loops()[1](_flat(uniform), _flat(x), np.float32(eps), _flat(start))
+            return start
+        noise = (uniform * 2 - 1) * eps
     else:  # uniform direction, radius r·eps with r ~ U(0, 1)
         direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         radius = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=x.dtype)
@@ -93,7 +154,7 @@ def pgd(
             delta.requires_grad_(True)
             loss = loss_fn(model(x + delta), y)
             (grad,) = torch.autograd.grad(loss.sum(), delta)
-            delta = project(_ascend(delta.detach(), grad, alpha, norm), x, eps, norm)
+            delta = _step(delta.detach(), grad, x, alpha, eps, norm)
         x_adv = (x + delta).detach()
         if restarts == 1:
             return x_adv

@@ -202,3 +202,39 @@ def test_pgd_with_restarts_reaches_the_grid_optimum_on_a_2d_relu_net():
     assert (grid_best - clean).min() > 0.01  # every point has something to find
     assert gaps(10).max() < 0.01
     assert gaps(1).max() > 0.03  # not vacuous: the local optima are real
+
+
+@pytest.mark.parametrize("eps,alpha", [(8 / 255, 2 / 255), (0.1, 0.025), (0.3, 0.375)])
+def test_linf_loops_are_bitwise_the_aten_steps(eps, alpha, monkeypatch):
+    """The one-pass L∞ step and uniform start (float32 on a CPU) give the bits of the ATen formulation,
+    with pixels at 0 and 1, zero gradients and perturbations outside the ball; and a whole attack is
+    unchanged by them."""
+    from runner import attacks
+
+    assert attacks._linf_loops() is not None, "numba is a dependency: the loops must be available"
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 5, 5, generator=g)
+    x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.5])
+    delta = (torch.rand(x.shape, generator=g) * 2 - 1) * 2 * eps
+    grad = torch.randn(x.shape, generator=g)
+    grad[0, 0, 1, :2] = torch.tensor([0.0, -0.0])
+    model = nn.Sequential(Normalize([0.5] * 3, [0.25] * 3), nn.Flatten(), nn.Linear(75, 4))
+    y = torch.arange(6) % 4
+
+    def run():
+        step = attacks._step(delta, grad, x, alpha, eps, "linf")
+        start = attacks.random_start(x, eps, "linf", "uniform", 0.0, torch.Generator().manual_seed(1))
+        adversarial = pgd(model, x, y, eps=eps, alpha=alpha, steps=3, generator=torch.Generator().manual_seed(2))
+        return step, start, adversarial
+
+    loops, calls = attacks._linf_loops(), []
+
+    def counted(loop):
+        return lambda *args: calls.append(loop) or loop(*args)
+
+    monkeypatch.setattr(attacks, "_linf_loops", lambda: tuple(counted(loop) for loop in loops))
+    fused = run()
+    assert calls.count(loops[0]) == 1 + 3 and calls.count(loops[1]) == 1 + 1  # each pgd step took the loop
+    monkeypatch.setattr(attacks, "_linf_loops", lambda: None)
+    for ours, aten in zip(fused, run(), strict=True):
+        assert torch.equal(ours, aten)
