@@ -212,6 +212,7 @@ def test_linf_loops_are_bitwise_the_aten_steps(eps, alpha, monkeypatch):
     from runner import attacks
 
     assert attacks._linf_loops() is not None, "numba is a dependency: the loops must be available"
+    monkeypatch.setattr(attacks, "LOOP_MIN_ELEMENTS", 1)  # a small batch, taking the loops all the same
     g = torch.Generator().manual_seed(0)
     x = torch.rand(6, 3, 5, 5, generator=g)
     x[0, 0, 0, :3] = torch.tensor([0.0, 1.0, 0.5])
@@ -238,3 +239,5 @@ def test_linf_loops_are_bitwise_the_aten_steps(eps, alpha, monkeypatch):
     monkeypatch.setattr(attacks, "_linf_loops", lambda: None)
     for ours, aten in zip(fused, run(), strict=True):
         assert torch.equal(ours, aten)
+    monkeypatch.undo()
+    assert attacks._use_loops(torch.rand(128, 3, 32, 32)) and not attacks._use_loops(torch.rand(64, 1, 8, 8))
