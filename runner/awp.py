@@ -81,10 +81,10 @@ class AWPUpdate(Update):
             loss.backward()
         weights = perturbed_weights(model)
         perturbation = layerwise_perturbation(weights, self.gamma)
-        originals = [w.detach().clone() for w in weights]
+        originals = [w.data for w in weights]  # kept by reference: w + v goes into fresh tensors
         with torch.no_grad():
             for w, v in zip(weights, perturbation):
-                w.add_(v)
+                w.data = w.data + v
         self.optimizer.zero_grad(set_to_none=True)
         stepped = False
         try:
@@ -102,6 +102,9 @@ class AWPUpdate(Update):
                 for w, v, original in zip(weights, perturbation, originals):
                     # After the step: w + v - lr·u - v, the reference's order (its weight decay sees w + v).
                     # Without one (a non-finite loss, an error): the originals, bit for bit.
-                    w.sub_(v) if stepped else w.copy_(original)
+                    if stepped:
+                        w.sub_(v)
+                    else:
+                        w.data = original
         method.after_step(model, x)
         return out

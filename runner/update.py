@@ -165,10 +165,12 @@ class SAMUpdate(Update):
         named = self._params(model)
         perturbation = self.perturbation(named)
         params = [p for _, p in named]
-        originals = [p.detach().clone() for p in params]
+        # w + e goes into fresh tensors and w stays where it is, to be put back by reference: exact (w + e - e
+        # can differ in the last bit) and two weight-sized passes cheaper than copying w out and back in.
+        originals = [p.data for p in params]
         with torch.no_grad():
             for p, e in zip(params, perturbation):
-                p.add_(e)
+                p.data = p.data + e
         self.optimizer.zero_grad(set_to_none=True)
         try:
             with frozen_bn_statistics(model):
@@ -178,9 +180,8 @@ class SAMUpdate(Update):
                 if finite:
                     second_loss.backward()
         finally:
-            with torch.no_grad():  # copy back rather than subtract e: w + e - e can differ in the last bit
-                for p, original in zip(params, originals):
-                    p.copy_(original)
+            for p, original in zip(params, originals):
+                p.data = original
         return logs, loss, second_loss.detach(), finite
 
     def __call__(self, model: nn.Module, method, x: torch.Tensor, y: torch.Tensor, ctx) -> dict:
