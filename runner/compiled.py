@@ -1,7 +1,8 @@
 """CPU loops compiled with numba, where one loop makes a single pass over memory that ATen makes in
-several: the interval bounds (runner/bounds/fused.py) and the random crops of the in-memory loader
-(runner/data.py). Each loop gives the bits of the ATen formulation it replaces, which stays the path for
-CUDA, other dtypes and an install without numba.
+several: the interval bounds (runner/bounds/fused.py), PGD's L-inf step (runner/attacks.py) and the
+random crops of the in-memory loader (runner/data.py). Each loop gives the bits of the ATen formulation
+it replaces (the elided IBP head's radius, a sum, to rounding), which stays the path for CUDA, other
+dtypes and an install without numba.
 
 numba is imported on first use: a run that never calls a loop does not pay for the import. Each loop is
 compiled once per machine (cached next to its module or in numba's user cache).
