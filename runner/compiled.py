@@ -28,3 +28,8 @@ def jit(loop):
         return numba.njit(cache=True, nogil=True)(loop)
     except RuntimeError:  # no writable cache location (a read-only install): compile once per process
         return numba.njit(nogil=True)(loop)
+
+
+def flat(t):
+    """A tensor's memory as a 1-D numpy array the loops read and write (a view for a contiguous CPU tensor)."""
+    return t.detach().reshape(-1).numpy()

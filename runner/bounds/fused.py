@@ -8,10 +8,11 @@ write C', R' and one byte saying which ends are positive; read two gradients and
 gradients). They are bitwise the ATen results: the same float32 additions in the same order, and the same
 gradient masks. The forward may write its results over its inputs (`overwrite`): a convolution's fresh
 output is then read and written while it is still in the cache, where fresh tensors would have to be
-fetched first (~3% of a CIFAR-shaped IBP step on a 2-core CPU).
+fetched first; so may the backward, over the fresh gradients the next layer hands it (measured on a
+CIFAR-shaped IBP step on a 2-core CPU: ~1% and 1-2% of the step).
 
 The elided head's radius |W_y - W_j| r (`ibp.elided_margin_bounds`) is ten small ATen ops forward and ten
-backward on [batch, classes, hidden] temporaries; its loops make none (~3% of the same step). They sum
+backward on [batch, classes, hidden] temporaries; its loops make none (~2% of the same step). They sum
 over the hidden units in order, where ATen's reduction sums in vector lanes: the radius differs from the
 ATen path's in the last bits, as any two float32 summation orders do.
 
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from runner import compiled
+from runner.compiled import flat
 
 
 @functools.cache
@@ -157,13 +159,9 @@ def available(t: torch.Tensor) -> bool:
 def times_sign(total: torch.Tensor, weight: torch.Tensor) -> None:
     """total *= sgn(weight), in place (a gradient w.r.t. |weight| made one w.r.t. weight)."""
     if available(total) and total.is_contiguous():
-        _kernels().times_sign(_flat(total), _flat(weight.contiguous()))
+        _kernels().times_sign(flat(total), flat(weight.contiguous()))
     else:
         total.mul_(weight.sign())
-
-
-def _flat(t: torch.Tensor) -> np.ndarray:
-    return t.detach().reshape(-1).numpy()
 
 
 def relu_forward(c: torch.Tensor, r: torch.Tensor, overwrite: bool = False):
@@ -172,11 +170,11 @@ def relu_forward(c: torch.Tensor, r: torch.Tensor, overwrite: bool = False):
     `overwrite` and contiguous inputs, the results are written over c and r (which are returned)."""
     active = torch.empty(c.shape, dtype=torch.uint8)
     if overwrite and c.is_contiguous() and r.is_contiguous():
-        _kernels().forward_in_place(_flat(c), _flat(r), _flat(active))
+        _kernels().forward_in_place(flat(c), flat(r), flat(active))
         return c, r, active
     c, r = c.contiguous(), r.contiguous()
     centre, radius = torch.empty_like(c), torch.empty_like(r)
-    _kernels().forward(_flat(c), _flat(r), _flat(centre), _flat(radius), _flat(active))
+    _kernels().forward(flat(c), flat(r), flat(centre), flat(radius), flat(active))
     return centre, radius, active
 
 
@@ -185,11 +183,11 @@ def relu_backward(grad_centre: torch.Tensor, grad_radius: torch.Tensor, active: 
     and two distinct contiguous gradients, the results are written over them (and returned)."""
     distinct = grad_centre.data_ptr() != grad_radius.data_ptr()
     if overwrite and distinct and grad_centre.is_contiguous() and grad_radius.is_contiguous():
-        _kernels().backward_in_place(_flat(grad_centre), _flat(grad_radius), _flat(active))
+        _kernels().backward_in_place(flat(grad_centre), flat(grad_radius), flat(active))
         return grad_centre, grad_radius
     grad_centre, grad_radius = grad_centre.contiguous(), grad_radius.contiguous()
     grad_c, grad_r = torch.empty_like(grad_centre), torch.empty_like(grad_radius)
-    _kernels().backward(*(_flat(t) for t in (grad_centre, grad_radius, active, grad_c, grad_r)))
+    _kernels().backward(*(flat(t) for t in (grad_centre, grad_radius, active, grad_c, grad_r)))
     return grad_c, grad_r
 
 
@@ -200,7 +198,7 @@ def normalised_box(x: torch.Tensor, eps: float, scale: torch.Tensor, doubled_shi
     x = x.contiguous()
     centre, radius = torch.empty_like(x), torch.empty_like(x)
     planes = [t.detach().reshape(x.shape[0], x.shape[1], -1).numpy() for t in (x, centre, radius)]
-    _kernels().normalised_box(planes[0], np.float32(eps), _flat(scale), _flat(doubled_shift), planes[1], planes[2])
+    _kernels().normalised_box(planes[0], np.float32(eps), flat(scale), flat(doubled_shift), planes[1], planes[2])
     return centre, radius
 
 
